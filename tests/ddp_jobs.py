@@ -171,12 +171,19 @@ def job_private(rank, world, kind, scheme_cfg, steps, out, same_seed=False):
     x, y = make_data()
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    trainer = private_trainer(model, nn.functional.cross_entropy, _stage(kind, rank, same_seed), opt,
-                              scheme=Scheme(**scheme_cfg))
+    stage = _stage(kind, rank, same_seed)
+    acc = None
+    if stage.private:  # ε spent, tracked as the steps happen (q = batch / shard size)
+        from commlib.privacy.accounting import Accountant
+
+        acc = Accountant(1e-5)
+    trainer = private_trainer(model, nn.functional.cross_entropy, stage, opt, scheme=Scheme(**scheme_cfg),
+                              accountant=acc, sample_rate=8 / (x.shape[0] // world))
     for step in range(steps):
         xb, yb = shard(x, y, rank, world, step, 8)
         trainer.step(xb, yb)
-    torch.save({"model": model.state_dict()}, out.format(rank=rank))
+    torch.save({"model": model.state_dict(), "epsilon": None if acc is None else acc.epsilon},
+               out.format(rank=rank))
 
 
 def private_reference(kind, world, steps):

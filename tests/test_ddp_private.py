@@ -8,10 +8,10 @@ from ddp_jobs import job_private, private_reference
 pytestmark = pytest.mark.slow
 
 
-def _run(tmp_path, kind, cfg, steps, tag, **kw):
+def _run(tmp_path, kind, cfg, steps, tag, key="model", **kw):
     out = str(tmp_path / (tag + "_{rank}.pt"))
     run(job_private, 2, kind, cfg, steps, out, *kw.values(), tmpdir=tmp_path)
-    return [torch.load(out.format(rank=r), weights_only=False)["model"] for r in range(2)]
+    return [torch.load(out.format(rank=r), weights_only=False)[key] for r in range(2)]
 
 
 @pytest.mark.parametrize("kind", ["dpsgd0", "diff2-0"])
@@ -24,10 +24,15 @@ def test_distributed_private_step_equals_single_process_on_the_union(tmp_path, k
 
 
 def test_noisy_efdpsgd_with_compression_keeps_replicas_identical(tmp_path):
+    from commlib.privacy.accounting import epsilon
+
     got = _run(tmp_path, "efdpsgd", {"compressor": "topk", "ratio": 0.2, "feedback": "ef"}, 6, "ef")
     for k in got[0]:
         assert torch.equal(got[0][k], got[1][k])
         assert torch.isfinite(got[0][k]).all()
+    # each rank tracked ε during training: the library's value for 6 releases at σ = 1, q = 8/256
+    eps = [torch.load(str(tmp_path / f"ef_{r}.pt"), weights_only=False)["epsilon"] for r in range(2)]
+    assert eps[0] == eps[1] == pytest.approx(epsilon(1.0, 1e-5, 8 / 256, 6), rel=1e-9)
 
 
 def test_identical_noise_seeds_are_refused(tmp_path):

@@ -74,3 +74,117 @@ def test_diff2_in_the_ps_refuses_a_partial_quorum():
     cfg = PSConfig(steps=2, quorum=2, step_timeout=5.0, optimizer={"name": "sgd", "lr": 0.1})
     with pytest.raises(ConfigError, match="every worker in every round"):
         InprocJob(_diff2(3), {"compressor": "identity"}, cfg, 3).run()
+
+
+# ------------------------------------------------------- restarts, rollbacks and accounting
+class _ServerCrash(Exception):
+    pass
+
+
+def _crashing_server(job, config, crash_at, after):
+    from commlib.ps import ParameterServer
+
+    class Crashing(ParameterServer):
+        def _after_update(self, workers, staleness):
+            if self.version == crash_at and not after:
+                raise _ServerCrash
+            super()._after_update(workers, staleness)
+            if self.version == crash_at and after:
+                raise _ServerCrash
+
+    return Crashing(job.hub.endpoint(0), job.new_scheme(), job.task, config)
+
+
+@pytest.mark.parametrize("crash_at,after", [(5, False), (5, True)])
+def test_diff2_ps_server_restart_mid_period_continues_exactly(tmp_path, crash_at, after):
+    # period 3: the crash falls mid-period, so a restarted server needs the estimator ṽ from its
+    # checkpoint and the workers their round counters and previous points from their snapshots
+    import dataclasses
+
+    from commlib.ps import ParameterServer
+    from commlib.ps.task import build_task
+
+    spec = _diff2(3)
+    config = PSConfig(steps=9, step_timeout=20.0, optimizer={"name": "sgd", "lr": 0.1},
+                      checkpoint=str(tmp_path / "s.pt"), worker_timeout=0.3)
+    ref = _run(spec, steps=9)
+    job = InprocJob(spec, {"compressor": "identity"}, config, 3)
+    job.server = _crashing_server(job, config, crash_at, after)
+    for w in range(3):
+        job.start_worker(w)
+    with pytest.raises(_ServerCrash):
+        job.server.run()
+    # a new server process: its own task object, so nothing of the old estimator survives in memory
+    job.server = ParameterServer(job.hub.endpoint(0), job.new_scheme(), build_task(spec),
+                                 dataclasses.replace(config, resume=True))
+    res = job.run()
+    assert res["status"] == "done" and res["steps"] == 9 and res["incarnation"] == 1
+    got = {k: v.detach() for k, v in job.server.model.state_dict().items()}
+    for k in ref:
+        assert torch.allclose(ref[k], got[k], atol=1e-6), k
+
+
+def test_diff2_ps_checkpoint_holds_the_estimator(tmp_path):
+    from commlib.ps import checkpoint as ckpt
+
+    path = str(tmp_path / "s.pt")
+    cfg = PSConfig(steps=4, step_timeout=20.0, optimizer={"name": "sgd", "lr": 0.1}, checkpoint=path)
+    InprocJob(_diff2(3), {"compressor": "identity"}, cfg, 2).run()
+    saved = ckpt.load(path)["task"]
+    assert saved["round"] == 4 and saved["period"] == 3 and saved["estimate"] is not None
+
+
+def test_diff2_ps_worker_rejoin_restarts_the_period_with_fresh_noise():
+    from commlib.ps.worker import WorkerCrashed, WorkerHooks
+
+    class Crash(WorkerHooks):
+        def before_compute(self, worker, step):
+            if step == 4:
+                raise WorkerCrashed("fault plan")
+
+    spec = dict(_diff2(3, sigma=0.5, clip=1.0), seed=11)
+    cfg = PSConfig(steps=10, step_timeout=0.5, max_misses=2, optimizer={"name": "sgd", "lr": 0.1},
+                   worker_timeout=0.3)
+    job = InprocJob(spec, {"compressor": "identity"}, cfg, 3, hooks={1: Crash()}, restart_after={1: 0.1})
+    seeds_before = {w: job.task._stage_for(w).noise._gen.initial_seed() for w in range(3)}
+    res = job.run()
+    assert res["status"] == "done" and res["steps"] == 10
+    assert res["resyncs"] >= 1 and res["epoch"] >= 1  # both sides restarted DIFF2's period
+    seeds_after = {w: job.task.stages[w].noise._gen.initial_seed() for w in range(3)}
+    assert all(seeds_after[w] != seeds_before[w] for w in range(3)), "a noise stream was replayed"
+
+
+def test_private_rollback_restores_error_but_never_replays_noise():
+    t = PrivateTask(INNER, {"name": "efdpsgd", "clip1": 0.5, "clip2": 1.0, "sigma": 1.0}, seed=2)
+    model = t.build_model()
+    t.start_worker(0)
+    t.loss(model, 0, 2, 0).backward()
+    snap = t.worker_state(0)
+    err = t.stages[0].error.clone()
+    noise_state = t.stages[0].noise.state_dict()["generator"].clone()
+    model.zero_grad()
+    t.loss(model, 0, 2, 1).backward()  # a release the server never applied
+    assert not torch.equal(t.stages[0].error, err)
+    t.load_worker_state(0, snap)
+    assert torch.equal(t.stages[0].error, err) and t.stages[0].steps == 1
+    assert not torch.equal(t.stages[0].noise.state_dict()["generator"], noise_state)
+    t.load_worker_state(0, {"stage": None, "prev": None})  # back to before the first release
+    assert t.stages[0].error is None and t.stages[0].steps == 0
+
+
+def test_ps_private_accounting_matches_the_library():
+    from commlib.privacy.accounting import epsilon
+
+    spec = {"name": "private", "task": INNER, "stage": {"name": "dpsgd", "clip": 1.0, "sigma": 1.2},
+            "seed": 4, "delta": 1e-5}
+    cfg = PSConfig(steps=6, step_timeout=20.0, optimizer={"name": "sgd", "lr": 0.1})
+    res = InprocJob(spec, {"compressor": "identity"}, cfg, 3).run()
+    q = PrivateTask(INNER, spec["stage"], delta=1e-5).sample_rate(3)
+    for w, reports in res["worker_reports"].items():
+        priv = reports[-1]["privacy"]
+        assert priv["releases"] == 6
+        assert priv["epsilon"] == pytest.approx(epsilon(1.2, 1e-5, q, 6), rel=1e-9)
+    with pytest.raises(ConfigError, match="nothing would be private"):
+        PrivateTask(INNER, {"name": "dpsgd", "clip": 1.0, "sigma": 0.0}, delta=1e-5)
+    with pytest.raises(ConfigError):
+        PrivateTask(INNER, {"name": "dpsgd", "clip": 1.0, "sigma": 1.0}, delta=0.0)

@@ -264,9 +264,12 @@ class ParameterServer:
                 rec.rejoins += 1  # a new process replaced one that was not dropped yet
                 self._event("rejoin", w)
             claims_state = not (frame.flags & FrameFlag.FRESH) and frame.seq >= 0
+            replaced = rec.session != 0
             rec.session = frame.session
             rec.last_applied = rec.durable = -1 if frame.flags & FrameFlag.FRESH else frame.seq
-            if self.scheme.feedback.increments and (had_history or claims_state):
+            # a task whose worker state must restart everywhere (privacy: noise streams, DIFF2 rounds)
+            task_restart = replaced and getattr(self.task, "restarts_state_on_rejoin", False)
+            if task_restart or (self.scheme.feedback.increments and (had_history or claims_state)):
                 # the server's sum of increments holds this worker's old state: restart it everywhere
                 if self.config.mode == "sync":
                     self._pending_resync = True
@@ -280,6 +283,8 @@ class ParameterServer:
         self.resyncs += 1
         self._event("resync", -1)
         self.half.state.clear()
+        if hasattr(self.task, "restart_server"):
+            self.task.restart_server()
         self._pending_resync = False
 
     def _check_push(self, frame: Frame) -> str:
@@ -530,6 +535,7 @@ class ParameterServer:
             "scheme_server": self.half.state_dict(),
             "aggregator": self.scheme.aggregator.state_dict(),
             "workers": [{k: getattr(r, k) for k in _BOOKKEEPING} for r in self.records],
+            "task": self.task.server_state() if hasattr(self.task, "server_state") else None,
         }
 
     def save_checkpoint(self, path: str) -> None:
@@ -548,6 +554,8 @@ class ParameterServer:
         self.optimizer.load_state_dict(ck["optimizer"])
         self.half.load_state_dict(ck["scheme_server"])
         self.scheme.aggregator.load_state_dict(ck["aggregator"])
+        if hasattr(self.task, "load_server_state"):
+            self.task.load_server_state(ck.get("task"))
         self.version = int(ck["version"])
         self.incarnation = int(ck["incarnation"]) + 1
         self.epoch = int(ck["epoch"])

@@ -110,6 +110,9 @@ class PSWorker:
         self.session = int(session) if session else new_session()
         self.seq = -1
         self.epoch = 0
+        self._task_state = hasattr(task, "worker_state")  # e.g. privacy stages (commlib/ps/private.py)
+        if self._task_state:
+            task.start_worker(self.worker_id)
         self.snapshots: Dict[int, Dict[str, Any]] = {-1: self._snapshot()}
         self.stats = WorkerStats()
         self.last_loss = float("nan")
@@ -126,17 +129,23 @@ class PSWorker:
     # -- state snapshots ---------------------------------------------------------------------
     def _snapshot(self) -> Dict[str, Any]:
         return {"scheme": self.sw.state_dict(),
-                "momentum": self.momentum.state_dict() if self.momentum is not None else None}
+                "momentum": self.momentum.state_dict() if self.momentum is not None else None,
+                "task": self.task.worker_state(self.worker_id) if self._task_state else None}
 
     def _restore(self, snap: Dict[str, Any]) -> None:
         self.sw.load_state_dict(snap["scheme"])
         if self.momentum is not None and snap["momentum"] is not None:
             self.momentum.load_state_dict(snap["momentum"])
+        if self._task_state:
+            self.task.load_worker_state(self.worker_id, snap["task"])
 
-    def _clear_state(self) -> None:
+    def _clear_state(self, key: tuple = (0, 0)) -> None:
+        """Start the scheme state over; ``key`` = (incarnation, epoch) of the new state epoch."""
         self.sw.state.clear()
         if self.momentum is not None:
             self.momentum.momenta.clear()
+        if self._task_state:
+            self.task.start_worker(self.worker_id, key)
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
@@ -170,6 +179,8 @@ class PSWorker:
         out = asdict(self.stats)
         out.update(worker=self.worker_id, session=self.session, seq=self.seq, epoch=self.epoch,
                    comm=self.sw.stats.as_dict(), transport=self.transport.stats.as_dict())
+        if hasattr(self.task, "privacy_report"):
+            out["privacy"] = self.task.privacy_report(self.worker_id)
         return out
 
     def _send(self, frame: Frame) -> bool:
@@ -210,7 +221,7 @@ class PSWorker:
         False: nothing to compute for this frame (it repeats parameters already answered)."""
         ack, durable = frame.seq, frame.aux
         if frame.epoch != self.epoch:  # the server restarted the scheme state: start over
-            self._clear_state()
+            self._clear_state((frame.incarnation, frame.epoch))
             self.epoch = frame.epoch
             self.seq = ack
             self.snapshots = {ack: self._snapshot()}
