@@ -24,12 +24,15 @@ Two sources of rows (column ``source``):
   the round waits for every worker of that round and the missing tasks are submitted (a
   fallback, counted). Time is virtual (nothing sleeps); the job count includes SGC's T extra
   rounds to drain the pipeline.
-* ``ps-<backend>`` (wait-for-all, ignore-stragglers, GC): real runs of the synchronous
-  parameter server (``commlib.ps``; GC = ``PSConfig(coding="auto", straggler_tolerance=lam)``)
-  on Ray (default) or in-process, with the same delay matrix injected as sleeps through
-  ``commlib.sim.hooks.FaultHooks``. The model is small, so compute is not what differs:
-  these rows measure the waiting. SR-SGC and M-SGC are not integrated into the PS loop
-  (their multi-job rounds would need a new protocol), so they have timing-sim rows only.
+* ``ps-<backend>`` (all five schemes): real runs of the synchronous parameter server
+  (``commlib.ps``; GC = ``PSConfig(coding="auto", straggler_tolerance=lam)``, SR-SGC / M-SGC
+  = ``PSConfig(coding="sr-sgc" | "m-sgc", straggler_burst=B, straggler_window=W,
+  straggler_tolerance=lam, sgc_mu=mu)``) on Ray (default) or in-process, with the same delay
+  matrix injected through ``commlib.sim.hooks.FaultHooks``: a straggler sleeps its delay
+  before computing, and every worker then sleeps ``--ps-unit`` x its load of that round
+  (``work_s``), so a scheme pays for the data it processes as in the timing simulation. The
+  model is small, so real compute is not what differs. SGC runs include the T rounds that
+  drain the pipeline; the SGC server ends a round by the same rule as the timing simulation.
 
     .venv/bin/python benchmarks/stragglers.py --quick [--backend inproc] [--trace delays.json]
 
@@ -180,18 +183,29 @@ def ps_rows(delays: np.ndarray, args: argparse.Namespace) -> List[Dict[str, Any]
     from commlib.sim.hooks import FaultHooks
 
     n, lam, steps = args.n, args.lam, args.ps_steps
-    secs = np.stack([row_of(delays, r) for r in range(steps + 1)]) * args.ps_unit
+    T_max = args.W - 2 + args.B  # the longest SGC delay (M-SGC); SR-SGC's is B
+    secs = np.stack([row_of(delays, r) for r in range(steps + T_max + 1)]) * args.ps_unit
     task = {"name": "classification", "dataset": "digits", "width": 16, "batch": 8, "seed": 0}
     scheme = {"compressor": "identity", "feedback": "none", "aggregator": "mean"}
     base = dict(steps=steps, step_timeout=60.0, max_misses=10 ** 6, worker_timeout=5.0,
                 optimizer={"name": "sgd", "lr": 0.05}, shutdown_timeout=max(5.0, 2 * float(secs.max())))
+    bwl = dict(straggler_tolerance=lam, straggler_burst=args.B, straggler_window=args.W, sgc_mu=args.mu)
     runs = [("wait-for-all", PSConfig(**base)),
             (f"ignore-stragglers (quorum {n - lam})", PSConfig(quorum=n - lam, **base)),
-            (f"GC (s={lam})", PSConfig(coding="auto", straggler_tolerance=lam, **base))]
-    opts = {w: {"compute_delays": [float(x) for x in secs[:, w]]} for w in range(n)}
+            (f"GC (s={lam})", PSConfig(coding="auto", straggler_tolerance=lam, **base)),
+            ("SR-SGC", PSConfig(coding="sr-sgc", **bwl, **base)),
+            ("M-SGC", PSConfig(coding="m-sgc", **bwl, **base))]
+    # a straggler sleeps its delay before computing; everyone then works ps_unit x its load
+    # and a stall ends when the next round's parameters arrive (the round is given up): each
+    # round's straggling is its own, as in the timing simulation and the (B, W, lam) model
+    opts = {w: {"compute_delays": [float(x) for x in secs[:, w]], "work_s": args.ps_unit, "preempt": True}
+            for w in range(n)}
     rows = []
     for name, cfg in runs:
         t0 = time.perf_counter()
+        if name == "SR-SGC" and (args.W - 1) % args.B:
+            print(f"  PS run {name}: not run (SR-SGC needs B | (W-1))")
+            continue
         if args.backend == "ray":
             from commlib.ps.ray_runner import run_ray
 
@@ -208,7 +222,8 @@ def ps_rows(delays: np.ndarray, args: argparse.Namespace) -> List[Dict[str, Any]
         rows.append({"scheme": name, "source": f"ps-{args.backend}",
                      "load": coding.get("load", 1.0 / n), "wall": wall, "on_time": res["steps"] - coding.get("fallbacks", 0),
                      "exact": exact, "fallbacks": coding.get("fallbacks", 0), "run_s": time.perf_counter() - t0,
-                     "final_test_accuracy": (res["evals"][-1].get("accuracy") if res["evals"] else None)})
+                     "final_test_accuracy": (res["evals"][-1].get("accuracy") if res["evals"] else None),
+                     "coding": coding})
         print(f"  PS run {name}: {wall:.2f}s")
     return rows
 

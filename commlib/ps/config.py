@@ -1,6 +1,7 @@
 """Configuration of a parameter-server run (JSON-able, so every process can rebuild it)."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, Iterable, Mapping, Optional
 
@@ -9,6 +10,8 @@ import torch
 from commlib.errors import ConfigError
 
 MODES = ("sync", "async")
+#: gradient codings: Tandon et al. 2017 (per round) and sequential (Krishnan et al. 2023)
+CODINGS = ("frc", "cyclic", "auto", "sr-sgc", "m-sgc")
 
 
 @dataclass
@@ -40,10 +43,15 @@ class PSConfig:
             again; after ``worker_give_up`` seconds without the server it stops.
         start_workers: training starts once this many workers said HELLO (default: all of
             them), or after ``startup_timeout`` seconds with whoever is there.
-        coding: sync only: gradient coding against stragglers (``commlib/ps/coded.py``):
-            "frc", "cyclic" or "auto" (Tandon et al. 2017); None: uncoded.
-        straggler_tolerance: stragglers ``s`` the code tolerates: a round is applied from any
-            n - s workers (load (s+1)/n per worker).
+        coding: sync only: gradient coding against stragglers. "frc", "cyclic" or "auto"
+            (Tandon et al. 2017, ``commlib/ps/coded.py``); "sr-sgc" or "m-sgc" (sequential
+            gradient coding, Krishnan et al. 2023, ``commlib/ps/sequential.py``); None: uncoded.
+        straggler_tolerance: Tandon codes: stragglers ``s`` tolerated per round (a round is
+            applied from any n - s workers; load (s+1)/n). SR-SGC / M-SGC: lambda of the
+            (B, W, lambda) bursty model, at most lambda distinct stragglers per window of W rounds.
+        straggler_burst: SR-SGC / M-SGC: B, the longest burst of straggling rounds of one worker.
+        straggler_window: SR-SGC / M-SGC: W, the window of the bursty model.
+        sgc_mu: SR-SGC / M-SGC: a round lasts at least (1 + sgc_mu) x its first push's time.
         coding_seed: seed of the random cyclic-repetition matrix.
     """
 
@@ -69,6 +77,9 @@ class PSConfig:
     startup_timeout: float = 120.0
     coding: Optional[str] = None
     straggler_tolerance: int = 0
+    straggler_burst: int = 1
+    straggler_window: int = 2
+    sgc_mu: float = 0.2
     coding_seed: int = 0
 
     def __post_init__(self) -> None:
@@ -92,10 +103,15 @@ class PSConfig:
         if self.coding is not None:
             if self.mode != "sync":
                 raise ConfigError("gradient coding needs mode='sync'")
-            if self.coding not in ("frc", "cyclic", "auto"):
-                raise ConfigError(f"coding must be 'frc', 'cyclic', 'auto' or None, got {self.coding!r}")
+            if self.coding not in CODINGS:
+                raise ConfigError(f"coding must be one of {CODINGS} or None, got {self.coding!r}")
         if int(self.straggler_tolerance) < 0:
             raise ConfigError(f"straggler_tolerance must be >= 0, got {self.straggler_tolerance}")
+        if int(self.straggler_burst) < 1 or int(self.straggler_window) <= int(self.straggler_burst):
+            raise ConfigError("the bursty straggler model needs 1 <= straggler_burst < straggler_window, got "
+                              f"B={self.straggler_burst}, W={self.straggler_window}")
+        if not (math.isfinite(float(self.sgc_mu)) and float(self.sgc_mu) >= 0):
+            raise ConfigError(f"sgc_mu must be >= 0, got {self.sgc_mu}")
         self.optimizer = dict(self.optimizer or {})
 
     @classmethod

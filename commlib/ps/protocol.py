@@ -55,9 +55,10 @@ class FrameFlag(enum.IntFlag):
     NONE = 0
     FRESH = 1  # HELLO: this worker process holds no scheme state (new or restarted)
     ANSWER = 2  # PARAMS (async): a reply; every frame the worker sent before was processed
+    REPAIR = 4  # PARAMS / PUSH (sequential gradient coding): fallback tasks of a round
 
 
-_ALL_FLAGS = int(FrameFlag.FRESH | FrameFlag.ANSWER)
+_ALL_FLAGS = int(FrameFlag.FRESH | FrameFlag.ANSWER | FrameFlag.REPAIR)
 _U32 = 0xFFFF_FFFF
 
 
@@ -121,11 +122,13 @@ class Frame:
         return cls(kind_e, worker, step, seq, aux, session, incarnation, epoch, loss, FrameFlag(flags),
                    raw[HEADER_BYTES:])
 
-    def message(self, numels: Sequence[int], *, sender: Optional[int] = None) -> Message:
-        """The validated wire Message in the body (checksums required, every payload checked)."""
+    def message(self, numels: Optional[Sequence[int]], *, sender: Optional[int] = None) -> Message:
+        """The validated wire Message in the body (checksums required, every payload checked).
+        ``numels=None``: the layout is checked by the caller (sequential coding's assignments)."""
         if not self.body:
             raise PayloadError(f"{self.kind.name} frame carries no message")
-        msg = Message.from_bytes(self.body, numels=list(numels), require_checksum=True, finite="reject")
+        msg = Message.from_bytes(self.body, numels=None if numels is None else list(numels),
+                                 require_checksum=True, finite="reject")
         if msg.step != self.step or (sender is not None and msg.sender != sender):
             raise PayloadError(f"message (sender {msg.sender}, step {msg.step}) disagrees with its frame "
                                f"(sender {sender}, step {self.step})")

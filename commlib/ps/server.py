@@ -121,11 +121,22 @@ class ParameterServer:
         if cfg.quorum is not None and int(cfg.quorum) > self.n:
             raise ConfigError(f"quorum {cfg.quorum} exceeds the {self.n} workers")
         self.coded = None  # gradient coding (commlib/ps/coded.py): decode from the fastest n - s
+        self.sgc = None  # sequential gradient coding (commlib/ps/sequential.py): SR-SGC, M-SGC
         if cfg.coding is not None:
             from commlib.ps.coded import CodedServer, build_code, check_coded_scheme
+            from commlib.ps.sequential import SGC_CODINGS, SGCServer, build_scheduler
 
             check_coded_scheme(scheme)
-            self.coded = CodedServer(build_code(cfg.coding, self.n, cfg.straggler_tolerance, cfg.coding_seed))
+            if cfg.coding in SGC_CODINGS:
+                if getattr(self.task, "requires_full_quorum", False):
+                    raise ConfigError("sequential gradient coding cannot run a task that keeps per-round state on "
+                                      "both sides (DIFF2)")
+                sched = build_scheduler(cfg.coding, self.n, cfg.straggler_burst, cfg.straggler_window,
+                                        cfg.straggler_tolerance, cfg.steps, seed=cfg.coding_seed)
+                self.sgc = SGCServer(sched, self.n, cfg.sgc_mu, cfg.straggler_burst, cfg.straggler_window,
+                                     cfg.straggler_tolerance)
+            else:
+                self.coded = CodedServer(build_code(cfg.coding, self.n, cfg.straggler_tolerance, cfg.coding_seed))
         self.quorum = int(cfg.quorum or (self.coded.quorum if self.coded else self.n))
         if cfg.mode == "async" and not scheme.aggregator.is_mean:
             raise ConfigError("async mode applies one push at a time: it needs the mean aggregator "
@@ -162,7 +173,10 @@ class ParameterServer:
         self._t0 = self._last_apply = time.monotonic()
         if self.config.mode == "sync":
             while self.version < self.config.steps and not self.stopped:
-                self._sync_round()
+                if self.sgc is not None:
+                    self.sgc.run_round(self)
+                else:
+                    self._sync_round()
         else:
             self._async_loop()
         # an exception above leaves without SHUTDOWN, like a crashed server: workers wait for a restart
@@ -275,7 +289,7 @@ class ParameterServer:
                     self._pending_resync = True
                     return  # it gets the parameters with the new epoch at the next round
                 self._resync()
-        if not self._starting:
+        if not self._starting and self.sgc is None:  # SGC: the next round's assignment reaches it
             self._send_params([w], answer=self.config.mode == "async")
 
     def _resync(self) -> None:
@@ -299,7 +313,7 @@ class ParameterServer:
         if frame.seq <= rec.last_applied:
             rec.duplicates += 1
             return "duplicate"
-        if frame.step > self.version:
+        if frame.step > (self.sgc.round if self.sgc is not None else self.version):
             rec.rejected += 1  # computed on parameters that were never sent
             return "future"
         return ""
@@ -413,6 +427,15 @@ class ParameterServer:
             rec.applied += 1
             rec.loss = frame.loss
         return True
+
+    def _sgc_apply(self, dirs: List[torch.Tensor], workers: List[int]) -> None:
+        """Sequential coding: apply a decoded job (computed ``T`` rounds ago)."""
+        self._step(dirs)
+        self._after_update(workers, staleness=self.sgc.sched.T)
+
+    def _sgc_idle_round(self, workers: List[int]) -> None:
+        """Sequential coding: a round with no job due (the first T rounds)."""
+        self._last_apply = time.monotonic()
 
     def _step(self, dirs: List[torch.Tensor]) -> None:
         if self.task is not None and hasattr(self.task, "server_directions"):
@@ -536,6 +559,7 @@ class ParameterServer:
             "aggregator": self.scheme.aggregator.state_dict(),
             "workers": [{k: getattr(r, k) for k in _BOOKKEEPING} for r in self.records],
             "task": self.task.server_state() if hasattr(self.task, "server_state") else None,
+            "sgc": self.sgc.state_dict() if self.sgc is not None else None,
         }
 
     def save_checkpoint(self, path: str) -> None:
@@ -556,6 +580,10 @@ class ParameterServer:
         self.scheme.aggregator.load_state_dict(ck["aggregator"])
         if hasattr(self.task, "load_server_state"):
             self.task.load_server_state(ck.get("task"))
+        if (self.sgc is None) != (ck.get("sgc") is None):
+            raise ConfigError("checkpoint and this server disagree on sequential gradient coding")
+        if self.sgc is not None:
+            self.sgc.load_state_dict(ck["sgc"])
         self.version = int(ck["version"])
         self.incarnation = int(ck["incarnation"]) + 1
         self.epoch = int(ck["epoch"])
@@ -591,5 +619,6 @@ class ParameterServer:
             "events": self.events,
             "scheme": self.scheme.describe(),
             "transport": self.transport.stats.as_dict(),
-            "coding": self.coded.summary() if self.coded is not None else None,
+            "coding": (self.coded.summary() if self.coded is not None
+                       else self.sgc.summary() if self.sgc is not None else None),
         }

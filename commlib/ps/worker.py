@@ -40,6 +40,10 @@ class WorkerCrashed(Exception):
     """Raised by a fault hook to make a worker stop as if its process had died."""
 
 
+class RoundSkipped(Exception):
+    """Raised by a fault hook to give up the current round (its result never arrives)."""
+
+
 class WorkerHooks:
     """Fault-injection points (``commlib.sim`` implements them); the defaults do nothing."""
 
@@ -53,6 +57,10 @@ class WorkerHooks:
     def flip_labels(self, worker: "PSWorker", step: int) -> bool:
         """True: compute the gradient on flipped labels (label-flipping attack)."""
         return False
+
+    def work(self, worker: "PSWorker", step: int, load: float) -> None:
+        """Called after each computation with its load: the fraction of one full-data gradient
+        (a step's data over all workers) it processed (may sleep: simulated compute time)."""
 
     def byzantine(self, worker: "PSWorker", step: int, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """Replacement vectors (one flat tensor per key) sent instead of the scheme's payloads."""
@@ -68,6 +76,7 @@ class WorkerStats:
     pushes: int = 0
     params_received: int = 0
     rollbacks: int = 0
+    skipped_rounds: int = 0
     resyncs: int = 0
     hellos: int = 0
     rejected_frames: int = 0
@@ -115,16 +124,22 @@ class PSWorker:
             task.start_worker(self.worker_id)
         self.snapshots: Dict[int, Dict[str, Any]] = {-1: self._snapshot()}
         self.stats = WorkerStats()
+        self._stash: List[tuple] = []  # frames received during a stall (see ``stall``)
         self.last_loss = float("nan")
         self.last_push: Optional[tuple] = None  # (incarnation, version) of the latest push
         self.coded = None  # gradient coding (commlib/ps/coded.py): this worker's coded half
+        self.sgc = None  # sequential gradient coding (commlib/ps/sequential.py): assigned mini-tasks
         if self.config.coding is not None:
             from commlib.ps.coded import CodedWorker, build_code, check_coded_scheme
+            from commlib.ps.sequential import SGC_CODINGS, SGCWorker
 
             check_coded_scheme(scheme)
-            code = build_code(self.config.coding, self.n_workers, self.config.straggler_tolerance,
-                              self.config.coding_seed)
-            self.coded = CodedWorker(code, self.worker_id)
+            if self.config.coding in SGC_CODINGS:
+                self.sgc = SGCWorker(self.numels)
+            else:
+                code = build_code(self.config.coding, self.n_workers, self.config.straggler_tolerance,
+                                  self.config.coding_seed)
+                self.coded = CodedWorker(code, self.worker_id)
 
     # -- state snapshots ---------------------------------------------------------------------
     def _snapshot(self) -> Dict[str, Any]:
@@ -169,7 +184,11 @@ class PSWorker:
             if not self._reconcile(frame) or not self._load_params(frame):
                 continue
             step = frame.step if cfg.mode == "sync" else self.seq + 1
-            self.hooks.before_compute(self, step)
+            try:
+                self.hooks.before_compute(self, step)
+            except RoundSkipped:  # e.g. a stall cut short by the next round's parameters
+                self.stats.skipped_rounds += 1
+                continue
             if self.hooks.silent(self, step):
                 continue
             self._push(frame, step)
@@ -191,12 +210,23 @@ class PSWorker:
         self._send(Frame(FrameKind.HELLO, self.worker_id, seq=self.seq, session=self.session, epoch=self.epoch,
                          flags=FrameFlag.FRESH if fresh else FrameFlag.NONE))
 
+    def stall(self, seconds: float) -> bool:
+        """Sleep up to ``seconds`` (a simulated stall); True if a frame from the server arrived
+        meanwhile (it is kept for the next :meth:`_next_frame`)."""
+        if self._stash:
+            return True
+        got = self.transport.recv(timeout=max(0.0, float(seconds)))
+        if got is None:
+            return False
+        self._stash.append(got)
+        return True
+
     def _next_frame(self, timeout: float) -> Optional[Frame]:
         """Wait for a frame from the server, then drain the inbox: the newest PARAMS (or a SHUTDOWN)."""
         newest: Optional[Frame] = None
         wait: Optional[float] = timeout
         while True:
-            got = self.transport.recv(timeout=wait)
+            got = self._stash.pop(0) if self._stash else self.transport.recv(timeout=wait)
             if got is None:
                 return newest
             wait = 0.0
@@ -227,6 +257,10 @@ class PSWorker:
             self.snapshots = {ack: self._snapshot()}
             self.last_push = None
             self.stats.resyncs += 1
+            return True
+        if self.sgc is not None:
+            # sequential coding keeps no scheme state, and a push of an earlier round that reaches
+            # the server late is still used: never roll back, keep sequence numbers increasing
             return True
         if ack > self.seq:  # cannot happen within one session; align rather than stall
             self.seq = ack
@@ -262,6 +296,14 @@ class PSWorker:
         return bool(frame.flags & FrameFlag.ANSWER)
 
     def _load_params(self, frame: Frame) -> bool:
+        if self.sgc is not None:
+            try:
+                self.sgc.load(frame.message(None, sender=SERVER_SENDER), self.params, frame.step)
+            except PayloadError:
+                self.stats.rejected_frames += 1
+                return False
+            self.stats.params_received += 1
+            return True
         try:
             msg = frame.message(self.numels, sender=SERVER_SENDER)
             for p in msg.payloads:
@@ -277,10 +319,20 @@ class PSWorker:
         return True
 
     def _push(self, frame: Frame, step: int) -> None:
+        if self.sgc is not None:
+            t0 = time.perf_counter()
+            before = self.sgc.partition_grads
+            payloads, loss_value = self.sgc.payloads(self.task, self.model, self.params,
+                                                     flip_labels=self.hooks.flip_labels(self, step))
+            P = self.sgc.assignment[0]
+            self.hooks.work(self, step, (self.sgc.partition_grads - before) / P)
+            self._send_push(frame, step, payloads, loss_value, t0, flags=frame.flags & FrameFlag.REPAIR)
+            return
         if self.coded is not None:
             t0 = time.perf_counter()
             payloads, loss_value = self.coded.payloads(self.task, self.model, self.params, step,
                                                        flip_labels=self.hooks.flip_labels(self, step))
+            self.hooks.work(self, step, len(self.coded.partitions) / self.n_workers)
             self._send_push(frame, step, payloads, loss_value, t0)
             return
         t0 = time.perf_counter()
@@ -301,16 +353,19 @@ class PSWorker:
                                             params=[p.detach().reshape(-1) for p in self.params])
         self.sw.record(payloads, self.dense_bytes)
         self.sw.end_step()
+        self.hooks.work(self, step, 1.0 / self.n_workers)
         self._send_push(frame, step, payloads, float(loss.detach()), t0)
 
-    def _send_push(self, frame: Frame, step: int, payloads: List[Payload], loss_value: float, t0: float) -> None:
+    def _send_push(self, frame: Frame, step: int, payloads: List[Payload], loss_value: float, t0: float,
+                   flags: FrameFlag = FrameFlag.NONE) -> None:
         self.seq += 1
         self.snapshots[self.seq] = self._snapshot()
         self.last_push = (frame.incarnation, frame.step)
         self.last_loss = loss_value
         msg = Message(payloads, sender=self.worker_id, step=frame.step)
         out = Frame(FrameKind.PUSH, self.worker_id, step=frame.step, seq=self.seq, session=self.session,
-                    incarnation=frame.incarnation, epoch=self.epoch, loss=self.last_loss, body=msg.to_bytes())
+                    incarnation=frame.incarnation, epoch=self.epoch, loss=self.last_loss, flags=flags,
+                    body=msg.to_bytes())
         self.stats.compute_s += time.perf_counter() - t0
         data = self.hooks.before_send(self, step, out.to_bytes())
         self.transport.send(SERVER_RANK, data)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from commlib.errors import ConfigError
-from commlib.ps.worker import PSWorker, WorkerCrashed, WorkerHooks
+from commlib.ps.worker import PSWorker, RoundSkipped, WorkerCrashed, WorkerHooks
 
 
 class FaultHooks(WorkerHooks):
@@ -21,6 +21,13 @@ class FaultHooks(WorkerHooks):
     Args:
         worker: this worker's id.
         compute_delays: seconds to sleep before computing, per step (straggling).
+        work_s: seconds one full-data gradient takes (a step's data over all workers): after each
+            computation the worker sleeps ``work_s x load`` (its share of the data), so schemes
+            with different loads per worker (gradient coding) pay for their compute.
+        preempt: a straggling stall (``compute_delays``) ends early when the server sends the
+            next round, and the stalled round is given up (its result never arrives), as for
+            independent per-round invocations (the serverless workers of the SGC paper):
+            a straggler's delay then belongs to its round and does not carry into the next.
         byzantine_ids: every worker running a vector attack (they send one output row each).
         seed: seed of this worker's random choices (garbling, jitter).
     """
@@ -29,7 +36,7 @@ class FaultHooks(WorkerHooks):
                  hang_s: float = 0.0, attack: Optional[str] = None, attack_options: Optional[Dict[str, Any]] = None,
                  byzantine_ids: Sequence[int] = (), compute_delays: Sequence[float] = (),
                  garbage_at: Sequence[int] = (), garbage_p: float = 0.0, delay_s: float = 0.0,
-                 jitter_s: float = 0.0, seed: int = 0) -> None:
+                 jitter_s: float = 0.0, work_s: float = 0.0, preempt: bool = False, seed: int = 0) -> None:
         from commlib.attacks import ATTACKS
 
         self.worker = int(worker)
@@ -44,6 +51,10 @@ class FaultHooks(WorkerHooks):
         self.garbage_at = {int(s) for s in garbage_at}
         self.garbage_p = float(garbage_p)
         self.delay_s, self.jitter_s = float(delay_s), float(jitter_s)
+        self.work_s = float(work_s)
+        self.preempt = bool(preempt)
+        if not self.work_s >= 0:
+            raise ConfigError(f"work_s must be >= 0, got {work_s}")
         self.rng = np.random.default_rng([int(seed), self.worker])
         self.hung = False
         self.garbled = 0
@@ -58,7 +69,14 @@ class FaultHooks(WorkerHooks):
             self.hung = True
             time.sleep(self.hang_s)
         if 0 <= step < len(self.compute_delays) and self.compute_delays[step] > 0:
-            time.sleep(self.compute_delays[step])
+            if not self.preempt:
+                time.sleep(self.compute_delays[step])
+            elif worker.stall(self.compute_delays[step]):
+                raise RoundSkipped(f"worker {self.worker}: round {step} given up for the next one")
+
+    def work(self, worker: PSWorker, step: int, load: float) -> None:
+        if self.work_s > 0 and load > 0:
+            time.sleep(self.work_s * load)
 
     def silent(self, worker: PSWorker, step: int) -> bool:
         return self.attack is not None and self.attack.sends_nothing

@@ -1,0 +1,440 @@
+"""Sequential gradient coding in the synchronous parameter server: SR-SGC and M-SGC
+(Krishnan, Ebrahimi, Khisti, ICLR 2023, arXiv 2211.13802; the schedulers live in
+:mod:`commlib.coding.sgc`).
+
+Jobs and rounds. Job ``t`` is the full gradient at the parameters the server holds when
+round ``t`` starts, ``theta_t``, over ``P`` equal data partitions
+(``Task.partition_loss(model, p, P, step=t)``). In round ``r`` the scheduler gives every
+worker a list of mini-tasks; a mini-task of job ``j`` asks for ``sum_p c_p g_p(theta_j)``. Job
+``r - T`` is due at the end of round ``r``: the server decodes it (float64) and steps with the
+mean ``g / P``, so the server runs SGD with a fixed gradient delay ``T`` (the first ``T`` rounds
+apply nothing):
+
+    theta_{r+1} = theta_r - lr * (1/P) sum_p grad L_p(theta_{r-T}; batch of job r-T)   (r >= T)
+
+Protocol (PARAMS / PUSH frames of ``commlib/ps/protocol.py``, ``step`` = round number):
+
+* PARAMS(r) to worker w carries an *assignment*: slot 0 is a float64 descriptor (below), then
+  the parameters of every model version the tasks need that w may not hold, ``theta_r`` always
+  first. A worker keeps the versions it received (the last ``T + 1`` rounds suffice), so in a
+  round without stragglers only ``theta_r`` travels; a version is sent again to a worker that
+  has not pushed in that version's round (it may have skipped that frame).
+* PUSH(r) carries one float64 dense payload per task, in task order.
+* A REPAIR-flagged PARAMS/PUSH pair carries fallback tasks (below).
+
+Descriptor (float64, every value an exact integer except the coefficients)::
+
+    [MAGIC, P, k versions, m tasks, v_1 .. v_k,  then per task: job, q, p_1 .. p_q, c_1 .. c_q]
+
+When a round ends. The server waits at least ``(1 + sgc_mu)`` times the first push's
+arrival time (the straggler rule of the authors' simulator), then until the workers still
+missing form a straggler row the (B, W, lambda) model admits after the recorded pattern, so
+the scheduler's guarantee holds; every live worker having pushed, or ``step_timeout``, also
+ends it. Pushes of an earlier round that arrive late are still used for decoding (the
+pattern keeps the worker as a straggler of that round).
+
+Fallback. A due job that is not decodable (a pattern outside the model: a crashed worker, a
+replayed trace) is counted; the server waits up to ``step_timeout`` for late pushes, then
+sends the scheduler's missing tasks to the workers that answered this round (REPAIR frames)
+and decodes from their results. Nothing is approximated: every applied gradient is exact.
+
+The coded path is linear: identity compressor, no error feedback, mean aggregator.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from commlib.coding.gc import NotDecodable
+from commlib.coding.sgc import MiniTask, SequentialScheduler
+from commlib.coding.stragglers import admits
+from commlib.errors import ConfigError, PayloadError
+from commlib.ps.protocol import Frame, FrameFlag, FrameKind
+from commlib.wire import DTYPES, Kind, Message, Payload
+
+if TYPE_CHECKING:
+    from commlib.ps.server import ParameterServer
+
+SGC_CODINGS = ("sr-sgc", "m-sgc")
+MAGIC = 21319.0  # "SG": marks an assignment descriptor
+_MAX_INT = 2 ** 52  # integers above this are not exact in float64
+
+
+def build_scheduler(coding: str, n: int, B: int, W: int, lam: int, num_jobs: Optional[int],
+                    code: str = "auto", seed: int = 0) -> SequentialScheduler:
+    """The SR-SGC or M-SGC scheduler of ``PSConfig(coding=...)`` for n workers, (B, W, lam)."""
+    from commlib.coding import MultiplexedSGC, SelectiveRepeatSGC
+
+    if coding == "sr-sgc":
+        return SelectiveRepeatSGC(n, B, W, lam, num_jobs=num_jobs, code=code, seed=seed)
+    if coding == "m-sgc":
+        return MultiplexedSGC(n, B, W, lam, num_jobs=num_jobs, code=code, seed=seed)
+    raise ConfigError(f"sequential coding must be one of {SGC_CODINGS}, got {coding!r}")
+
+
+# ------------------------------------------------------------------------------ wire format
+def encode_assignment(P: int, tasks: Sequence[MiniTask], versions: Mapping[int, Sequence[torch.Tensor]],
+                      *, sender: int, step: int) -> Message:
+    """An assignment Message: descriptor + the listed parameter versions (flat tensors each)."""
+    desc: List[float] = [MAGIC, float(P), float(len(versions)), float(len(tasks))]
+    desc += [float(v) for v in versions]
+    for t in tasks:
+        parts = t.partitions
+        desc += [float(t.job), float(len(parts))]
+        desc += [float(p) for p in parts]
+        desc += [float(t.coefficients[p]) for p in parts]
+    payloads = [Payload.dense(torch.tensor(desc, dtype=torch.float64), slot=0)]
+    for params in versions.values():
+        for p in params:
+            t = p.detach().reshape(-1)
+            payloads.append(Payload.dense((t if t.dtype in DTYPES else t.to(torch.float32)).cpu(),
+                                          slot=len(payloads)))
+    return Message(payloads, sender=sender, step=step)
+
+
+def _int(x: float, what: str, lo: int = 0, hi: int = _MAX_INT) -> int:
+    if not math.isfinite(x) or x != int(x) or not lo <= int(x) <= hi:
+        raise PayloadError(f"assignment: {what} must be an integer in [{lo}, {hi}], got {x}")
+    return int(x)
+
+
+def decode_assignment(msg: Message, numels: Sequence[int]
+                      ) -> Tuple[int, List[Tuple[int, Dict[int, float]]], Dict[int, List[torch.Tensor]]]:
+    """``(P, [(job, {partition: coefficient})], {version: [flat params]})`` from an assignment,
+    every field checked (PayloadError on anything malformed)."""
+    if not msg.payloads or msg.payloads[0].kind != Kind.DENSE or msg.payloads[0].values.dtype != torch.float64:
+        raise PayloadError("assignment: slot 0 must be a dense float64 descriptor")
+    d = msg.payloads[0].values.tolist()
+    if len(d) < 4 or d[0] != MAGIC:
+        raise PayloadError("assignment: bad descriptor header")
+    P = _int(d[1], "partition count", 1)
+    k = _int(d[2], "version count", 1, len(d))
+    m = _int(d[3], "task count", 0, len(d))
+    pos = 4
+    if len(d) < pos + k:
+        raise PayloadError("assignment: truncated version list")
+    vers = [_int(v, "version") for v in d[pos:pos + k]]
+    if len(set(vers)) != k:
+        raise PayloadError("assignment: a version is listed twice")
+    pos += k
+    tasks: List[Tuple[int, Dict[int, float]]] = []
+    for _ in range(m):
+        if len(d) < pos + 2:
+            raise PayloadError("assignment: truncated task")
+        job, q = _int(d[pos], "job"), _int(d[pos + 1], "partitions per task", 1, P)
+        pos += 2
+        if len(d) < pos + 2 * q:
+            raise PayloadError("assignment: truncated task")
+        parts = [_int(p, "partition", 0, P - 1) for p in d[pos:pos + q]]
+        coefs = d[pos + q:pos + 2 * q]
+        pos += 2 * q
+        if len(set(parts)) != q or not all(math.isfinite(c) for c in coefs):
+            raise PayloadError("assignment: repeated partition or non-finite coefficient")
+        tasks.append((job, dict(zip(parts, coefs))))
+    if pos != len(d):
+        raise PayloadError(f"assignment: {len(d) - pos} trailing descriptor values")
+    if len(msg.payloads) != 1 + k * len(numels):
+        raise PayloadError(f"assignment: {len(msg.payloads) - 1} parameter payloads for {k} versions")
+    versions: Dict[int, List[torch.Tensor]] = {}
+    for i, v in enumerate(vers):
+        block = msg.payloads[1 + i * len(numels):1 + (i + 1) * len(numels)]
+        for pl, numel in zip(block, numels):
+            if pl.kind != Kind.DENSE or pl.numel != numel:
+                raise PayloadError(f"assignment: version {v} has a malformed parameter payload")
+        versions[v] = [pl.values for pl in block]
+    return P, tasks, versions
+
+
+def decode_results(msg: Message, count: int, numel: int) -> List[torch.Tensor]:
+    """The ``count`` float64 task results of a PUSH (PayloadError unless exactly that)."""
+    if len(msg.payloads) != count:
+        raise PayloadError(f"push carries {len(msg.payloads)} results for {count} tasks")
+    out = []
+    for pl in msg.payloads:
+        if pl.kind != Kind.DENSE or pl.numel != numel or pl.values.dtype != torch.float64:
+            raise PayloadError("a task result must be dense float64 of the model's size")
+        out.append(pl.values)
+    return out
+
+
+# ------------------------------------------------------------------------------ worker half
+class SGCWorker:
+    """The worker half: keeps recent parameter versions and computes assigned mini-tasks."""
+
+    def __init__(self, numels: Sequence[int]) -> None:
+        self.numels = list(numels)
+        self.versions: Dict[int, List[torch.Tensor]] = {}
+        self.assignment: Optional[Tuple[int, List[Tuple[int, Dict[int, float]]]]] = None
+        self.tasks_done = 0
+        self.partition_grads = 0
+
+    def load(self, msg: Message, params: Sequence[nn.Parameter], round: int) -> None:
+        """Take an assignment: cache its versions, load ``theta_round`` into the model."""
+        P, tasks, versions = decode_assignment(msg, self.numels)
+        if round not in versions:
+            raise PayloadError(f"assignment of round {round} lacks the round's parameters")
+        self.versions.update({v: [t.clone() for t in ts] for v, ts in versions.items()})
+        for job, _ in tasks:
+            if job not in self.versions:
+                raise PayloadError(f"assignment needs parameters of version {job}, which this worker lacks")
+        oldest = min([job for job, _ in tasks] + [round])
+        for v in [v for v in self.versions if v < oldest]:  # later rounds never need older versions
+            del self.versions[v]
+        self._set(params, round)
+        self.assignment = (P, tasks)
+
+    @staticmethod
+    def _copy(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v.to(p.dtype).view(p.shape))
+
+    def _set(self, params: Sequence[nn.Parameter], version: int) -> None:
+        self._copy(params, self.versions[version])
+
+    def payloads(self, task: Any, model: nn.Module, params: Sequence[nn.Parameter],
+                 flip_labels: bool = False) -> Tuple[List[Payload], float]:
+        """One float64 result per assigned task, and the mean partition loss."""
+        if self.assignment is None:
+            raise ConfigError("no assignment loaded")
+        P, tasks = self.assignment
+        current = [p.detach().clone() for p in params]
+        grads: Dict[Tuple[int, int], torch.Tensor] = {}
+        losses: List[float] = []
+        for job in sorted({j for j, _ in tasks}):
+            self._set(params, job)  # arXiv 2211.13802: job j's gradient is taken at theta_j
+            for p in sorted({p for j, c in tasks if j == job for p in c}):
+                model.zero_grad(set_to_none=True)
+                loss = task.partition_loss(model, p, P, job, flip_labels=flip_labels)
+                loss.backward()
+                losses.append(float(loss.detach()))
+                grads[(job, p)] = torch.cat([(q.grad if q.grad is not None else torch.zeros_like(q)).detach()
+                                             .reshape(-1).to(torch.float64) for q in params])
+        self._copy(params, current)
+        self.partition_grads += len(grads)
+        out = []
+        for k, (job, coefs) in enumerate(tasks):
+            acc = None
+            for p, c in sorted(coefs.items()):
+                term = grads[(job, p)] * c  # the mini-task: sum_p c_p g_p(theta_job)
+                acc = term if acc is None else acc + term
+            out.append(Payload.dense(acc, slot=k))
+        self.tasks_done += len(tasks)
+        return out, (sum(losses) / len(losses) if losses else float("nan"))
+
+
+# ------------------------------------------------------------------------------ server half
+class SGCServer:
+    """The server half: the scheduler, recent parameter versions, and the round loop."""
+
+    def __init__(self, sched: SequentialScheduler, n: int, mu: float, B: int, W: int, lam: int) -> None:
+        self.sched = sched
+        self.n, self.mu, self.B, self.W, self.lam = int(n), float(mu), int(B), int(W), int(lam)
+        self.versions: Dict[int, List[torch.Tensor]] = {}  # round -> theta at its start
+        self.confirmed: Dict[int, Set[int]] = {w: set() for w in range(n)}  # rounds each worker pushed
+        self.repairs: Dict[int, List[MiniTask]] = {}  # worker -> fallback tasks it was sent
+        self.on_time = 0  # jobs decodable at their deadline
+        self.fallbacks = 0  # jobs outside the straggler model (waited for late results / repairs)
+        self.repair_tasks = 0
+        self.late_results = 0  # pushes of an earlier round used for decoding
+        self.unusable = 0  # late pushes whose round plan was already dropped
+        self.versions_sent = 0
+        self.rounds_cut_early = 0  # rounds that ended without waiting for every live worker
+
+    @property
+    def round(self) -> int:
+        return self.sched.current_round
+
+    # -- frames --------------------------------------------------------------------------
+    def _assignment_body(self, ps: "ParameterServer", w: int, r: int, tasks: Sequence[MiniTask]) -> bytes:
+        need = [r] + sorted({t.job for t in tasks if t.job != r and t.job not in self.confirmed[w]})
+        self.versions_sent += len(need)
+        msg = encode_assignment(self.sched.num_partitions, tasks, {v: self.versions[v] for v in need},
+                                sender=_server_sender(), step=r)
+        return msg.to_bytes()
+
+    def _send(self, ps: "ParameterServer", w: int, r: int, tasks: Sequence[MiniTask], repair: bool) -> None:
+        rec = ps.records[w]
+        if rec.session == 0 or ps.transport.is_dead(w + 1):
+            return
+        frame = Frame(FrameKind.PARAMS, w, step=r, seq=rec.last_applied, aux=rec.durable, session=rec.session,
+                      incarnation=ps.incarnation, epoch=ps.epoch,
+                      flags=FrameFlag.REPAIR if repair else FrameFlag.NONE,
+                      body=self._assignment_body(ps, w, r, tasks))
+        ps.transport.send(w + 1, frame.to_bytes())
+
+    def _take(self, ps: "ParameterServer", frame: Frame, r: int) -> Optional[str]:
+        """Use a PUSH: "round" (answers round r), "late", "repair", or None (not usable, counted)."""
+        w = frame.worker
+        if ps._check_push(frame):
+            return None
+        rec = ps.records[w]
+        repair = bool(frame.flags & FrameFlag.REPAIR)
+        if repair:
+            tasks = self.repairs.get(w)
+            if frame.step != r or not tasks:
+                rec.late += 1
+                return None
+        else:
+            try:
+                tasks = self.sched.assignment(frame.step)[w]
+            except ConfigError:  # a round whose plan was dropped: too late to matter
+                rec.late += 1
+                self.unusable += 1
+                return None
+        numel = sum(ps.numels)
+        try:
+            results = decode_results(frame.message(None, sender=w), len(tasks), numel)
+        except PayloadError:
+            rec.rejected += 1
+            ps._event("rejected", w)
+            return None
+        if repair:
+            for t, res in zip(tasks, results):
+                self.sched.submit(t, res)
+            del self.repairs[w]
+        else:
+            self.sched.receive(frame.step, w, results)
+            self.confirmed[w].add(frame.step)
+        rec.last_applied = frame.seq
+        rec.applied += 1
+        rec.loss = frame.loss
+        if repair:
+            return "repair"
+        if frame.step != r:
+            self.late_results += 1
+            return "late"
+        return "round"
+
+    # -- one round -----------------------------------------------------------------------
+    def run_round(self, ps: "ParameterServer") -> None:
+        cfg = ps.config
+        r = self.round
+        self.versions[r] = [p.detach().reshape(-1).clone() for p in ps.params]
+        for old in [v for v in self.versions if v < r - self.sched.T]:
+            del self.versions[old]
+        plan = self.sched.assignment(r)
+        busy = [w for w in range(self.n) if plan[w]]
+        t0 = time.monotonic()
+        for w in busy:
+            self._send(ps, w, r, plan[w], repair=False)
+        ps._note_dead()
+        got: Set[int] = set()
+        first: Optional[float] = None
+        deadline = t0 + cfg.step_timeout
+        while True:
+            alive = [w for w in busy if w not in got and not ps.transport.is_dead(w + 1)]
+            if not alive:
+                break
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            wait = deadline - now
+            if first is not None:  # at least (1 + mu) x the first arrival, then an admissible row
+                mu_point = t0 + (1.0 + self.mu) * (first - t0)
+                if now >= mu_point:
+                    row = np.zeros(self.n, dtype=bool)
+                    row[[w for w in busy if w not in got]] = True
+                    if admits(self.sched.pattern, row, self.B, self.W, self.lam):
+                        self.rounds_cut_early += 1
+                        break
+                else:
+                    wait = mu_point - now
+            frame = ps._receive(min(0.5, max(wait, 0.001)))
+            if frame is not None and self._take(ps, frame, r) == "round":
+                got.add(frame.worker)
+                if first is None:
+                    first = time.monotonic()
+        for w in busy:
+            if w not in got:
+                ps.records[w].timeouts += 1
+        self.sched.end_round(r)
+        job = self.sched.due(r)
+        if job is None:
+            ps._sgc_idle_round(list(got))
+            return
+        if self.sched.decodable(job):
+            self.on_time += 1
+        elif not self._fall_back(ps, job, r, sorted(got)):
+            ps.stopped = "no live workers"
+            return
+        g = self.sched.decode(job)  # float64 sum_p g_p(theta_job)
+        dirs = list(torch.split(g / self.sched.num_partitions, ps.numels))
+        ps._sgc_apply(dirs, sorted(got))
+
+    def _fall_back(self, ps: "ParameterServer", job: int, r: int, answered: List[int]) -> bool:
+        """Make ``job`` decodable outside the straggler model: late pushes, then repair tasks."""
+        cfg = ps.config
+        self.fallbacks += 1
+        deadline = time.monotonic() + cfg.step_timeout
+        sent = False
+        while not self.sched.decodable(job):
+            if time.monotonic() - ps._last_apply > cfg.idle_timeout:
+                return False
+            if time.monotonic() >= deadline:
+                helpers = [w for w in answered if not ps.transport.is_dead(w + 1)] or \
+                          [w for w in range(self.n) if ps.records[w].live and not ps.transport.is_dead(w + 1)]
+                if not helpers:
+                    return False
+                self.repairs = {}
+                for i, task in enumerate(self.sched.missing(job)):
+                    self.repairs.setdefault(helpers[i % len(helpers)], []).append(task)
+                for w, tasks in self.repairs.items():
+                    self.repair_tasks += len(tasks)
+                    self._send(ps, w, r, tasks, repair=True)
+                sent = True
+                deadline = time.monotonic() + cfg.step_timeout
+                answered = [w for w in answered if w not in self.repairs] + list(self.repairs)
+            frame = ps._receive(min(0.5, max(0.005, deadline - time.monotonic())))
+            if frame is not None:
+                self._take(ps, frame, r)
+        if sent:
+            self.repairs = {}
+        return True
+
+    # -- state ---------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, Any]:
+        """Checkpoint-safe (``torch.load(weights_only=True)``): numpy arrays become tensors."""
+        return {"sched": _tensors(self.sched.state_dict()), "versions": {v: [t.clone() for t in ts]
+                                                                 for v, ts in self.versions.items()},
+                "counters": self.counters()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.sched.load_state_dict(state["sched"])
+        self.versions = {int(v): [t.clone() for t in ts] for v, ts in state["versions"].items()}
+        for k, v in state["counters"].items():
+            if hasattr(self, k):
+                setattr(self, k, v)
+        self.confirmed = {w: set() for w in range(self.n)}  # a new incarnation: resend what is needed
+
+    def counters(self) -> Dict[str, int]:
+        return {k: getattr(self, k) for k in ("on_time", "fallbacks", "repair_tasks", "late_results",
+                                              "unusable", "versions_sent", "rounds_cut_early")}
+
+    def summary(self) -> Dict[str, Any]:
+        s = self.sched
+        return {"code": type(s).__name__, "load": s.load, "delay_T": s.T, "partitions": s.num_partitions,
+                "rounds": s.current_round, "decoded": self.on_time + self.fallbacks,
+                "stragglers_recorded": int(s.pattern.sum()), **self.counters()}
+
+
+def _tensors(obj: Any) -> Any:
+    """``obj`` with every numpy array replaced by a tensor (for weights-only checkpoints)."""
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj.copy())
+    if isinstance(obj, dict):
+        return {k: _tensors(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_tensors(v) for v in obj)
+    return obj
+
+
+def _server_sender() -> int:
+    from commlib.ps.worker import SERVER_SENDER
+
+    return SERVER_SENDER
