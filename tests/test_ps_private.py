@@ -134,7 +134,32 @@ def test_diff2_ps_checkpoint_holds_the_estimator(tmp_path):
     assert saved["round"] == 4 and saved["period"] == 3 and saved["estimate"] is not None
 
 
-def test_diff2_ps_worker_rejoin_restarts_the_period_with_fresh_noise():
+@pytest.fixture
+def noise_draws(monkeypatch):
+    """Counts every draw by the generator state it starts from: a state drawn from twice is a
+    noise vector used for two releases."""
+    import collections
+    import hashlib
+
+    from commlib.privacy import noise as nz
+
+    draws = collections.Counter()
+    orig = nz.GaussianNoise.sample
+
+    def sample(self, shape, std=None, dtype=torch.float32, device=None):
+        if self._gen is not None:
+            draws[hashlib.sha1(self._gen.get_state().numpy().tobytes()).hexdigest()] += 1
+        return orig(self, shape, std, dtype, device)
+
+    monkeypatch.setattr(nz.GaussianNoise, "sample", sample)
+    return draws
+
+
+def _replays(draws):
+    return sum(c - 1 for c in draws.values() if c > 1)
+
+
+def test_diff2_ps_worker_rejoin_restarts_the_period_with_fresh_noise(noise_draws):
     from commlib.ps.worker import WorkerCrashed, WorkerHooks
 
     class Crash(WorkerHooks):
@@ -151,7 +176,10 @@ def test_diff2_ps_worker_rejoin_restarts_the_period_with_fresh_noise():
     assert res["status"] == "done" and res["steps"] == 10
     assert res["resyncs"] >= 1 and res["epoch"] >= 1  # both sides restarted DIFF2's period
     seeds_after = {w: job.task.stages[w].noise._gen.initial_seed() for w in range(3)}
-    assert all(seeds_after[w] != seeds_before[w] for w in range(3)), "a noise stream was replayed"
+    assert all(seeds_after[w] != seeds_before[w] for w in range(3))
+    # the restarted process re-says HELLO while the resync is pending: nothing may go out to it
+    # before the new epoch, or it would release with its predecessor's first noise draw
+    assert _replays(noise_draws) == 0 and sum(noise_draws.values()) >= 28
 
 
 def test_private_rollback_restores_error_but_never_replays_noise():
@@ -188,3 +216,50 @@ def test_ps_private_accounting_matches_the_library():
         PrivateTask(INNER, {"name": "dpsgd", "clip": 1.0, "sigma": 0.0}, delta=1e-5)
     with pytest.raises(ConfigError):
         PrivateTask(INNER, {"name": "dpsgd", "clip": 1.0, "sigma": 1.0}, delta=0.0)
+
+
+class _CrashWhen(Exception):
+    pass
+
+
+@pytest.mark.parametrize("when", ["resync pending", "resync not yet checkpointed"])
+def test_private_ps_server_crash_around_a_resync_keeps_noise_fresh_and_diff2_in_step(tmp_path, noise_draws, when):
+    # a worker restarts (a new state epoch is due); the server dies either after the checkpoint
+    # that records the new process but before the resync, or right after the resync round
+    import dataclasses
+
+    from commlib.ps import ParameterServer
+    from commlib.ps.task import build_task
+    from commlib.ps.worker import WorkerCrashed, WorkerHooks
+
+    class Crash(WorkerHooks):
+        def before_compute(self, worker, step):
+            if step == 3:
+                raise WorkerCrashed("fault plan")
+
+    class Crashing(ParameterServer):
+        def _after_update(self, workers, staleness):
+            if when == "resync not yet checkpointed" and self.epoch == 1:
+                raise _CrashWhen
+            super()._after_update(workers, staleness)
+            if when == "resync pending" and self._pending_resync:
+                raise _CrashWhen
+
+    spec = {"name": "private", "task": {"name": "classification", "width": 8, "batch": 8}, "seed": 3,
+            "stage": {"name": "diff2", "clip1": 1.0, "clip2": 1.0, "sigma1": 1.0, "sigma2": 1.0, "period": 3}}
+    cfg = PSConfig(steps=10, step_timeout=3.0, optimizer={"name": "sgd", "lr": 0.05}, worker_timeout=0.3,
+                   shutdown_timeout=2.0, checkpoint=str(tmp_path / "s.pt"), max_misses=10 ** 6)
+    job = InprocJob(spec, {"compressor": "identity"}, cfg, 3, hooks={1: Crash()}, restart_after={1: 0.0})
+    job.server = Crashing(job.hub.endpoint(0), job.new_scheme(), job.task, cfg)
+    for w in range(3):
+        job.start_worker(w)
+    with pytest.raises(_CrashWhen):
+        job.server.run()
+    server_task = build_task(spec)
+    job.server = ParameterServer(job.hub.endpoint(0), job.new_scheme(), server_task,
+                                 dataclasses.replace(cfg, resume=True))
+    res = job.run()
+    assert res["status"] == "done" and res["steps"] == 10 and res["epoch"] == 1
+    assert _replays(noise_draws) == 0
+    rounds = {w: st.round for w, st in job.task.stages.items()}
+    assert set(rounds.values()) == {server_task._server.round}, (rounds, server_task._server.round)

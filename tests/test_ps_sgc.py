@@ -101,6 +101,7 @@ def test_sgc_ps_dead_worker_outside_the_model_falls_back_with_repairs_and_stays_
     c = res["coding"]
     assert res["status"] == "done" and res["steps"] == steps
     assert c["fallbacks"] >= 1 and c["repair_tasks"] >= 1  # worker 2 straggles forever: outside (1, 2, 1)
+    assert c["repairs_at_once"] >= c["fallbacks"] - 1  # no step_timeout wait for a dead worker's results
     assert _close(want, weights(job))
 
 
@@ -147,18 +148,83 @@ def test_sgc_ps_server_restart_continues_exactly(tmp_path):
     assert _close(want, weights(job))
 
 
+def test_sr_sgc_dead_workers_repairs_carry_the_versions_they_need():
+    # two workers die (outside (1, 2, 1)): repair tasks of job r - T go to workers that already
+    # dropped that version from the assignment of round r; repair frames must carry it
+    n, steps = 4, 5
+    want, _ = _reference("sr-sgc", n, steps)
+    job = InprocJob(TinyTask(torch.float64), PLAIN, cfg(steps=steps, coding="sr-sgc", step_timeout=0.3, **BWL), n,
+                    hooks={0: Slow(crash_at=2), 1: Slow(crash_at=2)})
+    res = job.run()
+    assert res["status"] == "done" and res["steps"] == steps and res["coding"]["repair_tasks"] >= 1
+    assert sum(r[-1]["rejected_frames"] for w, r in res["worker_reports"].items() if w > 1) == 0
+    assert _close(want, weights(job))
+
+
+def test_sgc_answer_to_an_earlier_repair_is_not_filed_under_a_newer_one():
+    # workers 3 and 4 die; 0 and 1 answer their first repair after step_timeout, so the server
+    # re-sends the missing tasks in another order: the late answers carry the old tag
+    from collections import Counter
+
+    class Crash(WorkerHooks):
+        def before_compute(self, worker, step):
+            if step >= 2:
+                raise WorkerCrashed("fault plan")
+
+    class SlowFirstRepair(WorkerHooks):
+        def __init__(self):
+            self.calls, self.slept = Counter(), False
+
+        def work(self, worker, step, load):
+            self.calls[step] += 1
+            if self.calls[step] == 2 and not self.slept:  # this worker's first repair
+                self.slept = True
+                time.sleep(0.5)
+
+    n, steps = 5, 4
+    bwl = dict(straggler_burst=1, straggler_window=2, straggler_tolerance=2)
+    want, _ = _reference("m-sgc", n, steps, **bwl)
+    job = InprocJob(TinyTask(torch.float64), PLAIN, cfg(steps=steps, coding="m-sgc", step_timeout=0.3, **bwl), n,
+                    hooks={3: Crash(), 4: Crash(), 0: SlowFirstRepair(), 1: SlowFirstRepair()})
+    res = job.run()
+    assert res["status"] == "done" and res["steps"] == steps
+    assert _close(want, weights(job)), "a repair answer was filed under the wrong task"
+
+
+def test_sgc_restarted_worker_gets_the_versions_its_new_process_lacks():
+    # M-SGC (1, 3, 1): T = 2, so round r needs theta_{r-2..r}; a new process holds none of them
+    n, steps = 4, 6
+    bwl = dict(straggler_burst=1, straggler_window=3, straggler_tolerance=1)
+    want, _ = _reference("m-sgc", n, steps, **bwl)
+    job = InprocJob(TinyTask(torch.float64), PLAIN, cfg(steps=steps, coding="m-sgc", step_timeout=0.5, **bwl), n,
+                    hooks={1: Slow(crash_at=3)}, restart_after={1: 0.0})
+    res = job.run()
+    assert res["status"] == "done" and res["crashes"][1] == 1
+    assert res["worker_reports"][1][-1]["rejected_frames"] == 0
+    assert _close(want, weights(job))
+
+
+def test_private_tasks_are_refused_with_gradient_coding():
+    spec = {"name": "private", "task": {"name": "classification", "width": 16, "batch": 8},
+            "stage": {"name": "dpsgd", "clip": 1.0, "sigma": 1.0}}
+    for coding in ("m-sgc", "frc"):
+        kw = BWL if coding == "m-sgc" else {"straggler_tolerance": 1}
+        with pytest.raises(ConfigError, match="extra releases"):
+            InprocJob(spec, PLAIN, cfg(coding=coding, **kw), 4).make_server()
+
+
 def test_assignment_round_trip_and_malformed_descriptors_are_refused():
     sched = MultiplexedSGC(4, 1, 2, 1, num_jobs=5)
     sched.end_round(0)
     tasks = sched.assignment(1)[2]
     numels = [6, 1]
     versions = {1: [torch.randn(6), torch.randn(1)], 0: [torch.randn(6), torch.randn(1)]}
-    msg = encode_assignment(sched.num_partitions, tasks, versions, sender=7, step=1)
+    msg = encode_assignment(sched.num_partitions, tasks, versions, sender=7, step=1, keep_from=0, tag=3)
     back = Message.from_bytes(msg.to_bytes(), require_checksum=True)
-    P, got, vers = decode_assignment(back, numels)
-    assert P == sched.num_partitions and sorted(vers) == [0, 1]
-    assert [(j, c) for j, c in got] == [(t.job, dict(t.coefficients)) for t in tasks]
-    assert torch.equal(vers[0][0], versions[0][0])
+    a = decode_assignment(back, numels)
+    assert a.P == sched.num_partitions and sorted(a.versions) == [0, 1] and (a.keep_from, a.tag) == (0, 3)
+    assert a.tasks == [(t.job, dict(t.coefficients)) for t in tasks]
+    assert torch.equal(a.versions[0][0], versions[0][0])
     desc = msg.payloads[0].values
 
     def refuse(values, extra=None):
@@ -169,8 +235,9 @@ def test_assignment_round_trip_and_malformed_descriptors_are_refused():
     refuse(desc[:-1])  # truncated
     refuse(torch.cat([desc, desc[-1:]]))  # trailing value
     bad = desc.clone(); bad[0] = 1.0; refuse(bad)  # magic
-    bad = desc.clone(); bad[6] = 0.5; refuse(bad)  # a non-integer job id
-    bad = desc.clone(); bad[8] = float(sched.num_partitions); refuse(bad)  # partition out of range
+    bad = desc.clone(); bad[8] = 0.5; refuse(bad)  # a non-integer job id
+    bad = desc.clone(); bad[10] = float(sched.num_partitions); refuse(bad)  # partition out of range
+    bad = desc.clone(); bad[3] = -1.0; refuse(bad)  # a negative repair tag
     refuse(desc, msg.payloads[1:-1])  # a parameter payload missing
     refuse(desc.to(torch.float32))  # descriptor must be float64
     with pytest.raises(PayloadError):

@@ -137,6 +137,11 @@ class SequentialScheduler(ABC):
             return np.zeros((0, self.n), dtype=bool)
         return np.stack(self._rows)
 
+    def recent_pattern(self, rounds: int) -> np.ndarray:
+        """The last ``rounds`` rows of :attr:`pattern` (all ``admits`` needs for a window W)."""
+        rows = self._rows[-int(rounds):] if int(rounds) > 0 else []
+        return np.stack(rows) if rows else np.zeros((0, self.n), dtype=bool)
+
     def deadline(self, job: int) -> int:
         """Round by whose end job ``job`` must be decoded."""
         return int(job) + self.T

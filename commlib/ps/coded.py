@@ -33,9 +33,13 @@ from commlib.wire import Payload
 CODINGS = ("frc", "cyclic", "auto")
 
 
-def check_coded_scheme(scheme: Scheme) -> None:
-    """Refuse schemes that are not linear in the gradient (decoding needs linear pushes)."""
+def check_coded_scheme(scheme: Scheme, task: Any = None) -> None:
+    """Refuse schemes that are not linear in the gradient (decoding needs linear pushes), and
+    tasks whose partition gradients may not be recomputed by several workers (privacy: each
+    copy would draw its own noise and be a release of its own)."""
     problems = []
+    if task is not None and not getattr(task, "supports_coding", True):
+        problems.append(f"task {type(task).__name__} ({getattr(task, 'coding_refusal', 'not codable')})")
     if not getattr(scheme.compressor, "is_identity", False):
         problems.append(f"compressor {type(scheme.compressor).__name__} (need identity)")
     if type(scheme.feedback).__name__ != "NoFeedback":

@@ -65,6 +65,10 @@ class PrivateTask(Task):
 
     #: a worker process that comes back without its state makes the server start a new state epoch
     restarts_state_on_rejoin = True
+    #: gradient coding recomputes a partition on several workers: each copy would be a release
+    #: with its own noise (and its own error-feedback state), unaccounted per data owner
+    supports_coding = False
+    coding_refusal = "a private task releases noised gradients per worker; coded copies would be extra releases"
 
     def __init__(self, task: Dict[str, Any], stage: Dict[str, Any], seed: int = 0, secure: bool = False,
                  delta: Optional[float] = None, target_epsilon: Optional[float] = None) -> None:

@@ -17,7 +17,10 @@ Kinds: HELLO (worker joins; FRESH flag: it holds no scheme state), PARAMS (serve
 dense parameters at version ``step``; ``seq`` acknowledges the last push of this worker the
 server applied, ``aux`` the last one that is in a checkpoint; ANSWER flag in async mode: a
 reply, so every push the worker sent before it has been decided), PUSH (worker -> server: the
-scheme's payloads computed at version ``step``), SHUTDOWN, BYE.
+scheme's payloads computed at version ``step``), SHUTDOWN, BYE. With sequential gradient
+coding (``commlib/ps/sequential.py``) ``step`` is the round, a PARAMS body is an assignment
+(mini-tasks + the model versions they need) and a PUSH body holds one result per task; the
+REPAIR flag marks a fallback assignment and its answer.
 
 Every received frame is checked before anything in it is used: magic, version, kind, flags,
 sizes, CRC, the worker id against the transport's sender, then the body with

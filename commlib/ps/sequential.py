@@ -18,13 +18,17 @@ Protocol (PARAMS / PUSH frames of ``commlib/ps/protocol.py``, ``step`` = round n
   the parameters of every model version the tasks need that w may not hold, ``theta_r`` always
   first. A worker keeps the versions it received (the last ``T + 1`` rounds suffice), so in a
   round without stragglers only ``theta_r`` travels; a version is sent again to a worker that
-  has not pushed in that version's round (it may have skipped that frame).
+  has not pushed in that version's round (it may have skipped that frame) or whose process is
+  new. Workers keep the versions from ``keep_from = r - T`` on: no later task needs older ones.
 * PUSH(r) carries one float64 dense payload per task, in task order.
-* A REPAIR-flagged PARAMS/PUSH pair carries fallback tasks (below).
+* A REPAIR-flagged PARAMS/PUSH pair carries fallback tasks (below); a repair assignment has a
+  ``tag`` the PUSH echoes in its ``aux`` field, so an answer to an earlier repair is never
+  filed under a newer one; repair frames carry every version their tasks need.
 
 Descriptor (float64, every value an exact integer except the coefficients)::
 
-    [MAGIC, P, k versions, m tasks, v_1 .. v_k,  then per task: job, q, p_1 .. p_q, c_1 .. c_q]
+    [MAGIC, P, keep_from, tag, k versions, m tasks, v_1 .. v_k,
+     then per task: job, q, p_1 .. p_q, c_1 .. c_q]
 
 When a round ends. The server waits at least ``(1 + sgc_mu)`` times the first push's
 arrival time (the straggler rule of the authors' simulator), then until the workers still
@@ -36,7 +40,8 @@ pattern keeps the worker as a straggler of that round).
 Fallback. A due job that is not decodable (a pattern outside the model: a crashed worker, a
 replayed trace) is counted; the server waits up to ``step_timeout`` for late pushes, then
 sends the scheduler's missing tasks to the workers that answered this round (REPAIR frames)
-and decodes from their results. Nothing is approximated: every applied gradient is exact.
+and decodes from their results; when every missing task belongs to a dead worker it sends the
+repairs at once. Nothing is approximated: every applied gradient is exact.
 
 The coded path is linear: identity compressor, no error feedback, mean aggregator.
 """
@@ -44,6 +49,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
@@ -78,10 +84,22 @@ def build_scheduler(coding: str, n: int, B: int, W: int, lam: int, num_jobs: Opt
 
 
 # ------------------------------------------------------------------------------ wire format
+@dataclass
+class Assignment:
+    """A decoded assignment: ``tasks`` are ``(job, {partition: coefficient})``."""
+
+    P: int
+    keep_from: int
+    tag: int
+    tasks: List[Tuple[int, Dict[int, float]]]
+    versions: Dict[int, List[torch.Tensor]]
+
+
 def encode_assignment(P: int, tasks: Sequence[MiniTask], versions: Mapping[int, Sequence[torch.Tensor]],
-                      *, sender: int, step: int) -> Message:
+                      *, sender: int, step: int, keep_from: int = 0, tag: int = 0) -> Message:
     """An assignment Message: descriptor + the listed parameter versions (flat tensors each)."""
-    desc: List[float] = [MAGIC, float(P), float(len(versions)), float(len(tasks))]
+    desc: List[float] = [MAGIC, float(P), float(max(0, keep_from)), float(tag), float(len(versions)),
+                         float(len(tasks))]
     desc += [float(v) for v in versions]
     for t in tasks:
         parts = t.partitions
@@ -103,19 +121,19 @@ def _int(x: float, what: str, lo: int = 0, hi: int = _MAX_INT) -> int:
     return int(x)
 
 
-def decode_assignment(msg: Message, numels: Sequence[int]
-                      ) -> Tuple[int, List[Tuple[int, Dict[int, float]]], Dict[int, List[torch.Tensor]]]:
-    """``(P, [(job, {partition: coefficient})], {version: [flat params]})`` from an assignment,
-    every field checked (PayloadError on anything malformed)."""
+def decode_assignment(msg: Message, numels: Sequence[int]) -> Assignment:
+    """The :class:`Assignment` in ``msg``, every field checked (PayloadError on anything malformed)."""
     if not msg.payloads or msg.payloads[0].kind != Kind.DENSE or msg.payloads[0].values.dtype != torch.float64:
         raise PayloadError("assignment: slot 0 must be a dense float64 descriptor")
     d = msg.payloads[0].values.tolist()
-    if len(d) < 4 or d[0] != MAGIC:
+    if len(d) < 6 or d[0] != MAGIC:
         raise PayloadError("assignment: bad descriptor header")
     P = _int(d[1], "partition count", 1)
-    k = _int(d[2], "version count", 1, len(d))
-    m = _int(d[3], "task count", 0, len(d))
-    pos = 4
+    keep_from = _int(d[2], "keep_from")
+    tag = _int(d[3], "repair tag")
+    k = _int(d[4], "version count", 1, len(d))
+    m = _int(d[5], "task count", 0, len(d))
+    pos = 6
     if len(d) < pos + k:
         raise PayloadError("assignment: truncated version list")
     vers = [_int(v, "version") for v in d[pos:pos + k]]
@@ -147,7 +165,7 @@ def decode_assignment(msg: Message, numels: Sequence[int]
             if pl.kind != Kind.DENSE or pl.numel != numel:
                 raise PayloadError(f"assignment: version {v} has a malformed parameter payload")
         versions[v] = [pl.values for pl in block]
-    return P, tasks, versions
+    return Assignment(P, keep_from, tag, tasks, versions)
 
 
 def decode_results(msg: Message, count: int, numel: int) -> List[torch.Tensor]:
@@ -169,24 +187,23 @@ class SGCWorker:
     def __init__(self, numels: Sequence[int]) -> None:
         self.numels = list(numels)
         self.versions: Dict[int, List[torch.Tensor]] = {}
-        self.assignment: Optional[Tuple[int, List[Tuple[int, Dict[int, float]]]]] = None
+        self.assignment: Optional[Assignment] = None
         self.tasks_done = 0
         self.partition_grads = 0
 
     def load(self, msg: Message, params: Sequence[nn.Parameter], round: int) -> None:
         """Take an assignment: cache its versions, load ``theta_round`` into the model."""
-        P, tasks, versions = decode_assignment(msg, self.numels)
-        if round not in versions:
+        a = decode_assignment(msg, self.numels)
+        if round not in a.versions:
             raise PayloadError(f"assignment of round {round} lacks the round's parameters")
-        self.versions.update({v: [t.clone() for t in ts] for v, ts in versions.items()})
-        for job, _ in tasks:
-            if job not in self.versions:
-                raise PayloadError(f"assignment needs parameters of version {job}, which this worker lacks")
-        oldest = min([job for job, _ in tasks] + [round])
-        for v in [v for v in self.versions if v < oldest]:  # later rounds never need older versions
+        lacking = sorted({job for job, _ in a.tasks if job not in a.versions and job not in self.versions})
+        if lacking:
+            raise PayloadError(f"assignment needs parameters of versions {lacking}, which this worker lacks")
+        self.versions.update({v: [t.clone() for t in ts] for v, ts in a.versions.items()})
+        for v in [v for v in self.versions if v < a.keep_from]:  # no later task needs them
             del self.versions[v]
         self._set(params, round)
-        self.assignment = (P, tasks)
+        self.assignment = a
 
     @staticmethod
     def _copy(params: Sequence[nn.Parameter], values: Sequence[torch.Tensor]) -> None:
@@ -202,7 +219,7 @@ class SGCWorker:
         """One float64 result per assigned task, and the mean partition loss."""
         if self.assignment is None:
             raise ConfigError("no assignment loaded")
-        P, tasks = self.assignment
+        P, tasks = self.assignment.P, self.assignment.tasks
         current = [p.detach().clone() for p in params]
         grads: Dict[Tuple[int, int], torch.Tensor] = {}
         losses: List[float] = []
@@ -237,10 +254,12 @@ class SGCServer:
         self.n, self.mu, self.B, self.W, self.lam = int(n), float(mu), int(B), int(W), int(lam)
         self.versions: Dict[int, List[torch.Tensor]] = {}  # round -> theta at its start
         self.confirmed: Dict[int, Set[int]] = {w: set() for w in range(n)}  # rounds each worker pushed
-        self.repairs: Dict[int, List[MiniTask]] = {}  # worker -> fallback tasks it was sent
+        self.repairs: Dict[int, Tuple[int, List[MiniTask]]] = {}  # worker -> (tag, fallback tasks it was sent)
+        self._tag = 0  # repair assignments sent so far (the tag of the next is _tag + 1)
         self.on_time = 0  # jobs decodable at their deadline
         self.fallbacks = 0  # jobs outside the straggler model (waited for late results / repairs)
         self.repair_tasks = 0
+        self.repairs_at_once = 0  # fallbacks whose missing tasks all belonged to dead workers
         self.late_results = 0  # pushes of an earlier round used for decoding
         self.unusable = 0  # late pushes whose round plan was already dropped
         self.versions_sent = 0
@@ -251,22 +270,28 @@ class SGCServer:
         return self.sched.current_round
 
     # -- frames --------------------------------------------------------------------------
-    def _assignment_body(self, ps: "ParameterServer", w: int, r: int, tasks: Sequence[MiniTask]) -> bytes:
-        need = [r] + sorted({t.job for t in tasks if t.job != r and t.job not in self.confirmed[w]})
+    def forget(self, w: int) -> None:
+        """Worker ``w`` is a new process: it holds no parameter versions."""
+        self.confirmed[w] = set()
+
+    def _assignment_body(self, w: int, r: int, tasks: Sequence[MiniTask], tag: int) -> bytes:
+        held = set() if tag else self.confirmed[w]  # repairs carry every version they need
+        need = [r] + sorted({t.job for t in tasks if t.job != r and t.job not in held})
         self.versions_sent += len(need)
         msg = encode_assignment(self.sched.num_partitions, tasks, {v: self.versions[v] for v in need},
-                                sender=_server_sender(), step=r)
+                                sender=_server_sender(), step=r, keep_from=r - self.sched.T, tag=tag)
         return msg.to_bytes()
 
-    def _send(self, ps: "ParameterServer", w: int, r: int, tasks: Sequence[MiniTask], repair: bool) -> None:
+    def _send(self, ps: "ParameterServer", w: int, r: int, tasks: Sequence[MiniTask], tag: int = 0) -> bool:
         rec = ps.records[w]
         if rec.session == 0 or ps.transport.is_dead(w + 1):
-            return
+            return False
         frame = Frame(FrameKind.PARAMS, w, step=r, seq=rec.last_applied, aux=rec.durable, session=rec.session,
                       incarnation=ps.incarnation, epoch=ps.epoch,
-                      flags=FrameFlag.REPAIR if repair else FrameFlag.NONE,
-                      body=self._assignment_body(ps, w, r, tasks))
+                      flags=FrameFlag.REPAIR if tag else FrameFlag.NONE,
+                      body=self._assignment_body(w, r, tasks, tag))
         ps.transport.send(w + 1, frame.to_bytes())
+        return True
 
     def _take(self, ps: "ParameterServer", frame: Frame, r: int) -> Optional[str]:
         """Use a PUSH: "round" (answers round r), "late", "repair", or None (not usable, counted)."""
@@ -276,8 +301,8 @@ class SGCServer:
         rec = ps.records[w]
         repair = bool(frame.flags & FrameFlag.REPAIR)
         if repair:
-            tasks = self.repairs.get(w)
-            if frame.step != r or not tasks:
+            tag, tasks = self.repairs.get(w, (0, []))
+            if frame.step != r or not tasks or frame.aux != tag:  # an answer to an earlier repair
                 rec.late += 1
                 return None
         else:
@@ -318,11 +343,13 @@ class SGCServer:
         self.versions[r] = [p.detach().reshape(-1).clone() for p in ps.params]
         for old in [v for v in self.versions if v < r - self.sched.T]:
             del self.versions[old]
+        for held in self.confirmed.values():  # workers drop versions below r - T too
+            held.difference_update([v for v in held if v < r - self.sched.T])
         plan = self.sched.assignment(r)
         busy = [w for w in range(self.n) if plan[w]]
         t0 = time.monotonic()
         for w in busy:
-            self._send(ps, w, r, plan[w], repair=False)
+            self._send(ps, w, r, plan[w])
         ps._note_dead()
         got: Set[int] = set()
         first: Optional[float] = None
@@ -340,7 +367,7 @@ class SGCServer:
                 if now >= mu_point:
                     row = np.zeros(self.n, dtype=bool)
                     row[[w for w in busy if w not in got]] = True
-                    if admits(self.sched.pattern, row, self.B, self.W, self.lam):
+                    if admits(self.sched.recent_pattern(self.W), row, self.B, self.W, self.lam):
                         self.rounds_cut_early += 1
                         break
                 else:
@@ -371,38 +398,55 @@ class SGCServer:
         """Make ``job`` decodable outside the straggler model: late pushes, then repair tasks."""
         cfg = ps.config
         self.fallbacks += 1
-        deadline = time.monotonic() + cfg.step_timeout
-        sent = False
-        while not self.sched.decodable(job):
-            if time.monotonic() - ps._last_apply > cfg.idle_timeout:
-                return False
-            if time.monotonic() >= deadline:
-                helpers = [w for w in answered if not ps.transport.is_dead(w + 1)] or \
-                          [w for w in range(self.n) if ps.records[w].live and not ps.transport.is_dead(w + 1)]
-                if not helpers:
+        # late results can only come from live workers: when every missing task belongs to a
+        # dead one (or one with no process), send the repairs at once
+        owners = {t.worker for t in self.sched.missing(job)}
+        if all(ps.transport.is_dead(w + 1) or ps.records[w].session == 0 for w in owners):
+            self.repairs_at_once += 1
+            deadline = time.monotonic()
+        else:
+            deadline = time.monotonic() + cfg.step_timeout
+        self.repairs = {}
+        try:
+            while not self.sched.decodable(job):
+                if time.monotonic() - ps._last_apply > cfg.idle_timeout:
                     return False
-                self.repairs = {}
-                for i, task in enumerate(self.sched.missing(job)):
-                    self.repairs.setdefault(helpers[i % len(helpers)], []).append(task)
-                for w, tasks in self.repairs.items():
-                    self.repair_tasks += len(tasks)
-                    self._send(ps, w, r, tasks, repair=True)
-                sent = True
-                deadline = time.monotonic() + cfg.step_timeout
-                answered = [w for w in answered if w not in self.repairs] + list(self.repairs)
-            frame = ps._receive(min(0.5, max(0.005, deadline - time.monotonic())))
-            if frame is not None:
-                self._take(ps, frame, r)
-        if sent:
+                if time.monotonic() >= deadline:
+                    if not self._send_repairs(ps, job, r, answered):
+                        return False
+                    deadline = time.monotonic() + cfg.step_timeout
+                    answered = [w for w in answered if w not in self.repairs] + list(self.repairs)
+                frame = ps._receive(min(0.5, max(0.005, deadline - time.monotonic())))
+                if frame is not None:
+                    self._take(ps, frame, r)
+        finally:
             self.repairs = {}
         return True
+
+    def _send_repairs(self, ps: "ParameterServer", job: int, r: int, answered: List[int]) -> bool:
+        """Spread ``job``'s missing tasks over live workers (those that answered round r first),
+        each batch under a new tag; False when no worker is left to ask."""
+        helpers = [w for w in answered if not ps.transport.is_dead(w + 1) and ps.records[w].session] or \
+                  [w for w in range(self.n) if not ps.transport.is_dead(w + 1) and ps.records[w].session]
+        if not helpers:
+            return False
+        batches: Dict[int, List[MiniTask]] = {}
+        for i, task in enumerate(self.sched.missing(job)):
+            batches.setdefault(helpers[i % len(helpers)], []).append(task)
+        self.repairs = {}
+        for w, tasks in batches.items():
+            self._tag += 1
+            if self._send(ps, w, r, tasks, tag=self._tag):
+                self.repairs[w] = (self._tag, tasks)
+                self.repair_tasks += len(tasks)
+        return bool(self.repairs)
 
     # -- state ---------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Checkpoint-safe (``torch.load(weights_only=True)``): numpy arrays become tensors."""
         return {"sched": _tensors(self.sched.state_dict()), "versions": {v: [t.clone() for t in ts]
                                                                  for v, ts in self.versions.items()},
-                "counters": self.counters()}
+                "counters": self.counters(), "tag": self._tag}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.sched.load_state_dict(state["sched"])
@@ -410,11 +454,13 @@ class SGCServer:
         for k, v in state["counters"].items():
             if hasattr(self, k):
                 setattr(self, k, v)
+        self._tag = int(state["tag"])
         self.confirmed = {w: set() for w in range(self.n)}  # a new incarnation: resend what is needed
 
     def counters(self) -> Dict[str, int]:
         return {k: getattr(self, k) for k in ("on_time", "fallbacks", "repair_tasks", "late_results",
-                                              "unusable", "versions_sent", "rounds_cut_early")}
+                                              "unusable", "versions_sent", "rounds_cut_early",
+                                              "repairs_at_once")}
 
     def summary(self) -> Dict[str, Any]:
         s = self.sched

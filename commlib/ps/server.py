@@ -126,7 +126,7 @@ class ParameterServer:
             from commlib.ps.coded import CodedServer, build_code, check_coded_scheme
             from commlib.ps.sequential import SGC_CODINGS, SGCServer, build_scheduler
 
-            check_coded_scheme(scheme)
+            check_coded_scheme(scheme, self.task)
             if cfg.coding in SGC_CODINGS:
                 if getattr(self.task, "requires_full_quorum", False):
                     raise ConfigError("sequential gradient coding cannot run a task that keeps per-round state on "
@@ -174,6 +174,8 @@ class ParameterServer:
         if self.config.mode == "sync":
             while self.version < self.config.steps and not self.stopped:
                 if self.sgc is not None:
+                    if self._pending_resync:
+                        self._resync()
                     self.sgc.run_round(self)
                 else:
                     self._sync_round()
@@ -279,6 +281,8 @@ class ParameterServer:
                 self._event("rejoin", w)
             claims_state = not (frame.flags & FrameFlag.FRESH) and frame.seq >= 0
             replaced = rec.session != 0
+            if self.sgc is not None:
+                self.sgc.forget(w)  # a new process holds no parameter versions
             rec.session = frame.session
             rec.last_applied = rec.durable = -1 if frame.flags & FrameFlag.FRESH else frame.seq
             # a task whose worker state must restart everywhere (privacy: noise streams, DIFF2 rounds)
@@ -289,6 +293,8 @@ class ParameterServer:
                     self._pending_resync = True
                     return  # it gets the parameters with the new epoch at the next round
                 self._resync()
+        if self._pending_resync:
+            return  # sync: nothing goes out before the new epoch starts (next round)
         if not self._starting and self.sgc is None:  # SGC: the next round's assignment reaches it
             self._send_params([w], answer=self.config.mode == "async")
 
@@ -300,6 +306,10 @@ class ParameterServer:
         if hasattr(self.task, "restart_server"):
             self.task.restart_server()
         self._pending_resync = False
+        if self.config.checkpoint:
+            # durable before any frame of the new epoch leaves: a restarted server must not go
+            # back to the old epoch while workers already cleared their state for the new one
+            self.save_checkpoint(self.config.checkpoint)
 
     def _check_push(self, frame: Frame) -> str:
         """Common checks of a PUSH frame: "" when it may be used, else why not (counted)."""
@@ -560,6 +570,7 @@ class ParameterServer:
             "workers": [{k: getattr(r, k) for k in _BOOKKEEPING} for r in self.records],
             "task": self.task.server_state() if hasattr(self.task, "server_state") else None,
             "sgc": self.sgc.state_dict() if self.sgc is not None else None,
+            "pending_resync": self._pending_resync,
         }
 
     def save_checkpoint(self, path: str) -> None:
@@ -587,6 +598,7 @@ class ParameterServer:
         self.version = int(ck["version"])
         self.incarnation = int(ck["incarnation"]) + 1
         self.epoch = int(ck["epoch"])
+        self._pending_resync = bool(ck.get("pending_resync", False))  # a rejoin awaited a new epoch
         for rec, saved in zip(self.records, ck["workers"]):
             rec.session = int(saved["session"])
             rec.last_applied = rec.durable = int(saved["last_applied"])

@@ -133,7 +133,7 @@ class PSWorker:
             from commlib.ps.coded import CodedWorker, build_code, check_coded_scheme
             from commlib.ps.sequential import SGC_CODINGS, SGCWorker
 
-            check_coded_scheme(scheme)
+            check_coded_scheme(scheme, task)
             if self.config.coding in SGC_CODINGS:
                 self.sgc = SGCWorker(self.numels)
             else:
@@ -324,9 +324,10 @@ class PSWorker:
             before = self.sgc.partition_grads
             payloads, loss_value = self.sgc.payloads(self.task, self.model, self.params,
                                                      flip_labels=self.hooks.flip_labels(self, step))
-            P = self.sgc.assignment[0]
+            P = self.sgc.assignment.P
             self.hooks.work(self, step, (self.sgc.partition_grads - before) / P)
-            self._send_push(frame, step, payloads, loss_value, t0, flags=frame.flags & FrameFlag.REPAIR)
+            self._send_push(frame, step, payloads, loss_value, t0, flags=frame.flags & FrameFlag.REPAIR,
+                            aux=self.sgc.assignment.tag)  # echo the repair tag
             return
         if self.coded is not None:
             t0 = time.perf_counter()
@@ -357,14 +358,15 @@ class PSWorker:
         self._send_push(frame, step, payloads, float(loss.detach()), t0)
 
     def _send_push(self, frame: Frame, step: int, payloads: List[Payload], loss_value: float, t0: float,
-                   flags: FrameFlag = FrameFlag.NONE) -> None:
+                   flags: FrameFlag = FrameFlag.NONE, aux: int = -1) -> None:
         self.seq += 1
-        self.snapshots[self.seq] = self._snapshot()
+        if self.sgc is None:  # sequential coding keeps no state to roll back (see _reconcile)
+            self.snapshots[self.seq] = self._snapshot()
         self.last_push = (frame.incarnation, frame.step)
         self.last_loss = loss_value
         msg = Message(payloads, sender=self.worker_id, step=frame.step)
         out = Frame(FrameKind.PUSH, self.worker_id, step=frame.step, seq=self.seq, session=self.session,
-                    incarnation=frame.incarnation, epoch=self.epoch, loss=self.last_loss, flags=flags,
+                    incarnation=frame.incarnation, epoch=self.epoch, loss=self.last_loss, flags=flags, aux=aux,
                     body=msg.to_bytes())
         self.stats.compute_s += time.perf_counter() - t0
         data = self.hooks.before_send(self, step, out.to_bytes())
