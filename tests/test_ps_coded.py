@@ -150,9 +150,8 @@ def test_bad_coding_options_are_refused():
         InprocJob(TinyTask(), PLAIN, cfg(coding="cyclic", straggler_tolerance=3), 3).make_server()
 
 
-@pytest.mark.slow
-@pytest.mark.ray
-def test_coded_ps_on_local_ray_with_stragglers():
+def run_on_local_ray(task, config, n, delays):
+    """One PS run on a local Ray (started here if none runs); ``delays``: worker -> compute delays."""
     pytest.importorskip("ray")
     import ray
 
@@ -160,17 +159,22 @@ def test_coded_ps_on_local_ray_with_stragglers():
     from commlib.ps.ray_runner import run_ray
     from commlib.sim.driver import HOOKS_FACTORY
 
-    task = {"name": "classification", "dataset": "digits", "width": 16, "batch": 8, "seed": 1}
-    config = cfg(steps=5, coding="frc", straggler_tolerance=1)
     path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
     started = ray_start(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
     try:
-        delays = [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]
-        hooks = {2: {"factory": HOOKS_FACTORY, "options": {"compute_delays": delays}}}
-        res = run_ray(task, PLAIN, config, 4, hooks=hooks)
+        hooks = {w: {"factory": HOOKS_FACTORY, "options": {"compute_delays": d}} for w, d in delays.items()}
+        return run_ray(task, PLAIN, config, n, hooks=hooks)
     finally:
         if started:
             ray.shutdown()
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_coded_ps_on_local_ray_with_stragglers():
+    task = {"name": "classification", "dataset": "digits", "width": 16, "batch": 8, "seed": 1}
+    config = cfg(steps=5, coding="frc", straggler_tolerance=1)
+    res = run_on_local_ray(task, config, 4, {2: [0.0, 1.0, 0.0, 1.0, 0.0, 0.0]})
     assert res["status"] == "done" and res["steps"] == 5
     assert res["coding"]["decoded"] == 5 and res["coding"]["fallbacks"] == 0
     ref = InprocJob(task, PLAIN, cfg(steps=5), 4)

@@ -4,7 +4,6 @@ weights of SGD with gradient delay T computed directly (float64 to 1e-12), patte
 the model (a dead worker, two bursts too close) fall back and stay exact, malformed
 assignments and results are refused, a server restart continues exactly, and one run on
 local Ray."""
-import os
 import time
 
 import numpy as np
@@ -17,7 +16,7 @@ from commlib.ps import InprocJob, PSConfig, WorkerHooks
 from commlib.ps.sequential import build_scheduler, decode_assignment, decode_results, encode_assignment
 from commlib.ps.worker import WorkerCrashed
 from commlib.wire import Message, Payload
-from test_ps_coded import PLAIN, TESTS, TinyTask, weights
+from test_ps_coded import PLAIN, TinyTask, run_on_local_ray, weights
 
 BWL = dict(straggler_burst=1, straggler_window=2, straggler_tolerance=1)  # (B, W, lam) = (1, 2, 1)
 
@@ -277,25 +276,11 @@ def test_sgc_configuration_errors():
 @pytest.mark.slow
 @pytest.mark.ray
 def test_sgc_ps_on_local_ray_with_bursty_stragglers():
-    pytest.importorskip("ray")
-    import ray
-
-    from commlib.comm.ray_transport import ray_start
-    from commlib.ps.ray_runner import run_ray
-    from commlib.sim.driver import HOOKS_FACTORY
-
     task = {"name": "classification", "dataset": "digits", "width": 16, "batch": 8, "seed": 1}
     n, steps = 4, 5
     config = cfg(steps=steps, coding="m-sgc", **BWL)
-    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
-    started = ray_start(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
-    try:
-        delays = {1: [0.0, 1.0, 0.0, 0.0, 1.0], 3: [0.0, 0.0, 1.0, 0.0, 0.0]}  # inside (1, 2, 1)
-        hooks = {w: {"factory": HOOKS_FACTORY, "options": {"compute_delays": d}} for w, d in delays.items()}
-        res = run_ray(task, PLAIN, config, n, hooks=hooks)
-    finally:
-        if started:
-            ray.shutdown()
+    delays = {1: [0.0, 1.0, 0.0, 0.0, 1.0], 3: [0.0, 0.0, 1.0, 0.0, 0.0]}  # inside (1, 2, 1)
+    res = run_on_local_ray(task, config, n, delays)
     assert res["status"] == "done" and res["steps"] == steps
     assert res["coding"]["decoded"] == steps and res["coding"]["fallbacks"] == 0
     assert res["coding"]["rounds_cut_early"] >= 1  # did not wait out a 1 s straggler

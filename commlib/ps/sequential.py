@@ -56,7 +56,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from commlib.coding.gc import NotDecodable
 from commlib.coding.sgc import MiniTask, SequentialScheduler
 from commlib.coding.stragglers import admits
 from commlib.errors import ConfigError, PayloadError
