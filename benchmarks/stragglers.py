@@ -37,7 +37,8 @@ Two sources of rows (column ``source``):
     .venv/bin/python benchmarks/stragglers.py --quick [--backend inproc] [--trace delays.json]
 
 Defaults: n = 12 workers, (B, W, lam) = (1, 2, 2), delay 0.5 U, 2000 jobs, 40 PS steps, U = 2 s
-in the PS runs; ``--quick``: n = 6, 200 jobs, 10 PS steps, U = 0.5 s. Prints a table; writes benchmarks/results/stragglers.{json,png}.
+in the PS runs, on Ray; ``--quick``: n = 6, 200 jobs, 10 PS steps, U = 0.5 s, in-process. Prints a
+table; writes benchmarks/results/stragglers.{json,png} (quick: stragglers_quick.{json,png}).
 """
 from __future__ import annotations
 
@@ -271,7 +272,8 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> None:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--backend", choices=("ray", "inproc"), default="ray")
+    ap.add_argument("--backend", choices=("ray", "inproc"), default=None,
+                    help="PS runs on Ray (default) or in-process threads (default with --quick)")
     ap.add_argument("--no-ps", action="store_true", help="timing simulation only")
     ap.add_argument("--n", type=int, default=None, help="workers (default 12, quick 6)")
     ap.add_argument("--B", type=int, default=1)
@@ -297,6 +299,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args.jobs = args.jobs or (200 if args.quick else 2000)
     args.ps_steps = args.ps_steps or (10 if args.quick else 40)
     args.ps_unit = args.ps_unit or (0.5 if args.quick else 2.0)
+    args.backend = args.backend or ("inproc" if args.quick else "ray")
     if args.trace:
         delays = load_trace(args.trace)
         args.n = delays.shape[1]
@@ -321,9 +324,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     out = {"n": args.n, "B": args.B, "W": args.W, "lam": args.lam, "stragglers": source, "jobs": jobs,
            "delay_U": args.delay, "ps_unit_s": args.ps_unit, "seed": args.seed, "rows": rows,
            "straggler_fraction": float(np.mean(delays > 0))}
-    with open(RESULTS / "stragglers.json", "w") as f:
+    stem = "stragglers_quick" if args.quick else "stragglers"  # a quick run keeps the full results
+    with open(RESULTS / f"{stem}.json", "w") as f:
         json.dump(out, f, indent=1, default=float)
-    plot(rows, RESULTS / "stragglers.png")
+    plot(rows, RESULTS / f"{stem}.png")
     return out
 
 
