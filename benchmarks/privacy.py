@@ -1,44 +1,66 @@
-"""Utility at equal (ε, δ): DP-SGD vs EF-DPSGD (DiceSGD), and DP-GD vs DIFF2.
+"""Utility at equal (ε, δ) and equal tuning budgets: DP-SGD, EF-DPSGD (DiceSGD), DP-GD, DIFF2.
 
 Every private run is calibrated with ``commlib.privacy.accounting`` (dp-accounting's RDP
-accountant) to the same target (ε, δ = 1e-5) and records each release in an
-``Accountant``; the table shows the ε that accountant reports at the end ("ε spent").
+accountant) to the target (ε, δ = 1e-5); reported runs record each release in an
+``Accountant`` and the table shows the ε it reports at the end ("ε spent").
 
 Tasks (shipped or generated; no download):
-* digits: scikit-learn's 8x8 digits (1797 images), stratified 80/20 split, pixels scaled
-  by 1/16 (their public range, so no private statistic is used), a 64-32-10 tanh MLP,
-  cross-entropy; utility = test accuracy (%).
-* regression: a generated tabular regression set (ALGORITHMS.md §7 lists DIFF2's own
-  experiments as tabular regression with a one-hidden-layer MLP; their data set was not
-  checked): x ~ N(0, I₁₀), y = a fixed random 10-16-1 tanh teacher + N(0, 0.1²), 500 train /
-  5000 test samples, a 10-32-1 tanh student, squared loss; utility = test MSE (var y ≈ 1.3).
+* digits: scikit-learn's 8x8 digits, stratified 80/20 train/test split (test: 360 images), the
+  train part split again 80/20 into fit (1149) / validation (288); pixels / 16 (their public
+  range); a 64-32-10 tanh MLP, cross-entropy; utility = accuracy (%).
+* regression: x ~ N(0, I₁₀), y = a fixed random 10-16-1 tanh teacher + N(0, 0.1²); 500 fit,
+  5000 test, 1000 validation samples; a 10-32-1 tanh student, squared loss; utility = MSE
+  (var y ≈ 1.3). (ALGORITHMS.md §7 lists DIFF2's own experiments as tabular regression with
+  a one-hidden-layer MLP; their data set was not available to check.)
+Training always uses the fit split only (N = its size in the accountant).
 
-Methods (same model init and data per seed; SGD without momentum):
-* nonprivate SGD: minibatches, no clipping, no noise (for scale only).
-* DP-SGD: Poisson batches (q = 64/N), 30 epochs, per-sample clip C, noise multiplier σ
-  from ``calibrate_sigma``.
-* EF-DPSGD: same q, steps, C₁ = C, C₂ = C₁ (the smallest the paper allows) and the same σ;
-  its noise is √(1 + 2C₂/C₁) = √3 times DP-SGD's (the reference code's scaling). Its ε is
-  the DP-SGD accountant's at σ, i.e. it rests on the paper's privacy claim (see
-  commlib/privacy/efdpsgd.py), marked "*" in the table.
+Methods (SGD without momentum, same initialisation per seed):
+* nonprivate SGD: Poisson batches, no clipping, no noise (for scale only).
+* DP-SGD: Poisson batches (q = 64/N), E epochs, clip C, σ from ``calibrate_sigma``.
+* EF-DPSGD: same q and steps, C₁ = C₂ = C (the smallest C₂ the paper allows) and the same σ;
+  its noise is √(1 + 2C₂/C₁) = √3 times DP-SGD's; its ε is the DP-SGD accountant's at σ, i.e.
+  the paper's privacy claim (see commlib/privacy/efdpsgd.py), marked "*".
 * DP-GD: full batches (q = 1), R rounds, clip C, σ from ``calibrate_sigma``.
-* DIFF2: full batches, R rounds, restart every T, C₁ = C (DP-GD's), C₂ for the gradient
-  differences; (σ₁, σ₂) from ``calibrate_diff2`` with σ₂/σ₁ = 2^{1/4}·√(C₁/C₂). That ratio is
-  our own heuristic (it minimises restart noise plus the difference noise accumulated over
-  a period for a fixed RDP budget of non-subsampled Gaussians), not the paper's.
+* DIFF2 (Murata & Suzuki 2023, DIFF2-GD): full batches, R rounds, a restart every T rounds,
+  C₁ for gradients and C₂ = ρ·η·C₁ for per-sample gradient differences (a difference is at
+  most L·η·‖ṽ‖ for an L-smooth loss, so C₂ scales with the step η; ρ plays the role of L and
+  is tuned). (σ₁, σ₂) from ``calibrate_diff2`` with σ₂/σ₁ = s·2^{1/4}·√(C₁/C₂): s = 1 is the
+  split that minimises the period-averaged noise variance of ṽ for a fixed RDP budget of
+  non-subsampled Gaussians (our derivation, not the paper's); s is tuned.
 
-Hyper-parameters (clip, learning rate per method, C₂, T) were picked in a short pilot at
-ε = 3 on seed 99 (not a reported seed) from small grids, then fixed for every ε; the
-privacy cost of that tuning is not accounted, for any method. Reported seeds: 0, 1, 2
-(quick: 0). Utility is mean ± population std over seeds.
+Tuning protocol (the same for every method): each method has a grid of 8 configurations
+over its own hyper-parameters (``Task.grids``; full-batch step sizes are given as the
+"time" η·C·R, minibatch ones as η·C). For each target ε, every configuration is trained
+with the tuning seeds (100, 101) and scored by its mean *validation* utility; the best one
+is then trained with the reported seeds (0, 1, 2) and its *test* utility is reported
+(mean ± population std). The test set is used for nothing else. The privacy cost of the
+tuning itself is not accounted, for any method. The grid ranges were centred in a pilot on
+validation utility (ε = 3, seed 99, both tasks). DIFF2's eight configurations are a 2^(5−2)
+fractional factorial over (R, η·C₁·R, T, ρ, s) with C₁ fixed; DP-GD's a 2³ factorial over
+(R, C, η·C·R); DP-SGD's and EF-DPSGD's 2 clips × 4 steps.
+
+Diagnostics (reported seed 0, DP-GD and DIFF2 at their selected configurations, and a
+DP-GD run at DIFF2's own R, C₁ and η): per round, the true full-batch gradient ∇f, the
+clean released vector (clipped mean of gradients, or of differences), the added noise, the
+fraction of clipped samples, per-sample difference norms relative to C₂, and for the applied
+direction ṽ the ratio of its accumulated noise to its clean part (NSR) and the cosine of the
+clean part with ∇f.
+
+Full-batch runs use a loop of their own (per-sample gradients of the two-layer MLP in
+closed form; DIFF2 reuses the previous round's per-sample gradients as the ones at the
+previous point, which is exact for full batches) around commlib's stages, server and
+accountant; ``check_fast_path`` verifies at start-up that it reproduces
+``commlib.privacy.per_sample_grads`` and ``PrivateTrainer`` (same parameters after 5 rounds).
 
     .venv/bin/python benchmarks/privacy.py [--quick]
 
-prints a table and writes benchmarks/results/privacy.json.
+prints the tables and writes benchmarks/results/privacy.{json,md} (quick:
+privacy_quick.{json,md}).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -47,7 +69,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -55,63 +77,99 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-from commlib.privacy import DIFF2Worker, DPSGD, EFDPSGD, PoissonSampler, PrivacyStage, PrivateTrainer
+from commlib.errors import ConfigError, NonFiniteError
+from commlib.privacy import (
+    DIFF2Worker, DPSGD, EFDPSGD, PoissonSampler, PrivacyStage, PrivateTrainer, clipped_sum, per_sample_grads,
+    unflatten,
+)
 from commlib.privacy.accounting import Accountant, calibrate_diff2, calibrate_sigma
 
-RESULTS = Path(__file__).resolve().parent / "results" / "privacy.json"
+RESULTS = Path(__file__).resolve().parent / "results"
 DELTA = 1e-5
-BATCH = 64
+BATCH = 64  # expected Poisson batch size of the minibatch methods
+TUNE_SEEDS = (100, 101)
+PRIVATE = ("DP-SGD", "EF-DPSGD", "DP-GD", "DIFF2")
+MATCHED = "DP-GD @ DIFF2's R, C₁, η"
+Config = Dict[str, float]
+
+
+def _two_levels(**levels: Tuple[float, float]) -> List[Config]:
+    """2^(5-2) fractional factorial over five two-level factors a, b, c, d = abc, e = ab (in that order)."""
+    names = list(levels)
+    rows = []
+    for c in (0, 1):
+        for b in (0, 1):
+            for a in (0, 1):
+                bits = (a, b, c, a ^ b ^ c, a ^ b)
+                rows.append({k: levels[k][i] for k, i in zip(names, bits)})
+    return rows
+
+
+def _product(**levels: Sequence[float]) -> List[Config]:
+    """Full factorial grid, the last factor varying fastest."""
+    rows: List[Config] = [{}]
+    for k, values in levels.items():
+        rows = [{**r, k: v} for r in rows for v in values]
+    return rows
 
 
 @dataclass
 class Task:
     name: str
-    x_train: torch.Tensor
-    y_train: torch.Tensor
-    x_test: torch.Tensor
-    y_test: torch.Tensor
-    make_model: Callable[[], nn.Module]
-    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    metric: Callable[[nn.Module, torch.Tensor, torch.Tensor], float]
-    metric_name: str
-    higher_is_better: bool
-    # hyper-parameters (pilot at ε = 3, seed 99): minibatch (DP-SGD family), full batch (DP-GD family)
-    lr_plain: float  # non-private SGD baseline
-    clip_sgd: float
-    lr_sgd: float
-    lr_ef: float
-    epochs: int
-    clip_gd: float
-    lr_gd: float
-    rounds: int
-    clip2_diff: float
-    period: int
+    x: Dict[str, torch.Tensor]  # "fit", "val", "test"
+    y: Dict[str, torch.Tensor]
+    hidden: int
+    kind: str  # "ce" (classification) or "mse"
+    epochs: int  # minibatch methods
+    grids: Dict[str, List[Config]]
 
+    @property
+    def n(self) -> int:
+        return int(self.x["fit"].shape[0])
 
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return 100.0 * (model(x).argmax(1) == y).double().mean().item()
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind == "ce"
 
+    @property
+    def metric_name(self) -> str:
+        return "acc %" if self.kind == "ce" else "MSE"
 
-def _mse(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return F.mse_loss(model(x), y).item()
+    def make_model(self) -> nn.Sequential:
+        d_out = 10 if self.kind == "ce" else self.y["fit"].shape[1]
+        return nn.Sequential(nn.Linear(self.x["fit"].shape[1], self.hidden), nn.Tanh(), nn.Linear(self.hidden, d_out))
+
+    def loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, y) if self.kind == "ce" else F.mse_loss(out, y)
+
+    def metric(self, model: nn.Module, split: str) -> float:
+        with torch.no_grad():
+            out = model(self.x[split])
+            if self.kind == "ce":
+                return 100.0 * (out.argmax(1) == self.y[split]).double().mean().item()
+            return F.mse_loss(out, self.y[split]).item()
 
 
 def digits_task(quick: bool) -> Task:
     x, y = load_digits(return_X_y=True)
     xtr, xte, ytr, yte = train_test_split(x / 16.0, y, test_size=0.2, random_state=0, stratify=y)
+    xfit, xval, yfit, yval = train_test_split(xtr, ytr, test_size=0.2, random_state=1, stratify=ytr)
     f = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
-    return Task(
-        "digits", f(xtr), torch.tensor(ytr), f(xte), torch.tensor(yte),
-        lambda: nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10)),
-        F.cross_entropy, _accuracy, "test acc %", True,
-        lr_plain=0.5, clip_sgd=0.2, lr_sgd=2.0, lr_ef=0.5, epochs=15 if quick else 30,
-        clip_gd=1.0, lr_gd=2.0, rounds=50 if quick else 100, clip2_diff=0.05, period=5,
-    )
+    grids = {
+        "nonprivate SGD": _product(lr=(0.25, 0.5, 1.0, 2.0)),
+        "DP-SGD": _product(clip=(0.1, 0.4), step=(0.1, 0.2, 0.4, 0.8)),
+        "EF-DPSGD": _product(clip=(0.1, 0.4), step=(0.025, 0.05, 0.1, 0.2)),
+        "DP-GD": _product(rounds=(300, 1000), clip=(0.5, 2.0), time=(150, 300)),
+        "DIFF2": _two_levels(rounds=(1000, 3000), time=(150, 300), period=(5, 20), rho=(0.25, 1.0), split=(0.5, 2.0)),
+    }
+    for g in grids["DIFF2"]:
+        g["clip1"] = 0.5
+    return Task("digits", {"fit": f(xfit), "val": f(xval), "test": f(xte)},
+                {"fit": torch.tensor(yfit), "val": torch.tensor(yval), "test": torch.tensor(yte)},
+                hidden=32, kind="ce", epochs=15 if quick else 30, grids=grids)
 
 
-def regression_task(quick: bool, n_train: int = 500) -> Task:
+def regression_task(quick: bool) -> Task:
     gen = torch.Generator().manual_seed(2023)
     w1, w2 = torch.randn(10, 16, generator=gen) / math.sqrt(10), torch.randn(16, 1, generator=gen) / math.sqrt(16) * 2
 
@@ -119,115 +177,432 @@ def regression_task(quick: bool, n_train: int = 500) -> Task:
         x = torch.randn(n, 10, generator=gen)
         return x, torch.tanh(x @ w1) @ w2 + 0.1 * torch.randn(n, 1, generator=gen)
 
-    xtr, ytr = make(n_train)
-    xte, yte = make(5000)
-    return Task(
-        "regression", xtr, ytr, xte, yte,
-        lambda: nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 1)),
-        F.mse_loss, _mse, "test MSE", False,
-        lr_plain=0.2, clip_sgd=0.1, lr_sgd=0.5, lr_ef=0.5, epochs=15 if quick else 30,
-        clip_gd=0.1, lr_gd=0.5, rounds=100 if quick else 200, clip2_diff=0.005, period=5,
-    )
+    (xfit, yfit), (xte, yte), (xval, yval) = make(500), make(5000), make(1000)
+    grids = {
+        "nonprivate SGD": _product(lr=(0.1, 0.2, 0.3, 0.4)),
+        "DP-SGD": _product(clip=(0.1, 0.4), step=(0.025, 0.05, 0.1, 0.2)),
+        "EF-DPSGD": _product(clip=(0.3, 1.0), step=(0.0125, 0.025, 0.05, 0.1)),
+        "DP-GD": _product(rounds=(300, 1000), clip=(0.1, 0.4), time=(10, 20)),
+        "DIFF2": _two_levels(rounds=(1000, 3000), time=(10, 20), period=(5, 20), rho=(0.25, 1.0), split=(0.5, 2.0)),
+    }
+    for g in grids["DIFF2"]:
+        g["clip1"] = 0.3
+    return Task("regression", {"fit": xfit, "val": xval, "test": xte}, {"fit": yfit, "val": yval, "test": yte},
+                hidden=32, kind="mse", epochs=15 if quick else 30, grids=grids)
 
 
-def _train(task: Task, stage: PrivacyStage, seed: int, lr: float, q: Optional[float], steps: int,
-           acc: Optional[Accountant]) -> float:
+# ---------------------------------------------------------------- training
+
+def mlp_per_sample_grads(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, kind: str) -> torch.Tensor:
+    """Per-sample gradients of Linear-Tanh-Linear as a (B, d) matrix, columns in model.parameters() order."""
+    lin1, lin2 = model[0], model[2]
+    with torch.no_grad():
+        h = torch.tanh(lin1(x))
+        out = lin2(h)
+        if kind == "ce":
+            d_out = torch.softmax(out, dim=1)  # ∂CE/∂logits = softmax − one-hot
+            d_out[torch.arange(x.shape[0]), y] -= 1.0
+        else:
+            d_out = 2.0 * (out - y) / out.shape[1]  # ∂ mean_k (o_k − y_k)² / ∂o
+        d_h = (d_out @ lin2.weight) * (1.0 - h * h)  # tanh' = 1 − tanh²
+        b = x.shape[0]
+        return torch.cat([(d_h[:, :, None] * x[:, None, :]).reshape(b, -1), d_h,
+                          (d_out[:, :, None] * h[:, None, :]).reshape(b, -1), d_out], dim=1)
+
+
+class Probe:
+    """Per-round measurements of a full-batch run: what each release carries, and what ṽ is made of.
+
+    The applied direction is split into its clean part (the clipped mean of the last gradient
+    release plus, for DIFF2, the clipped mean differences since) and the noise accumulated
+    with it; ``nsr`` = ‖noise‖/‖clean part‖, ``cos`` = cosine(clean part, ∇f) (clipping bias).
+    """
+
+    def __init__(self) -> None:
+        self.rows: List[Dict[str, float]] = []
+        self._clean: Optional[torch.Tensor] = None
+        self._noise: Optional[torch.Tensor] = None
+
+    def observe(self, stage: PrivacyStage, grads: torch.Tensor, previous: Optional[torch.Tensor],
+                released: torch.Tensor, direction: torch.Tensor, n: int) -> None:
+        true = grads.mean(0)
+        row: Dict[str, float] = {"grad": true.norm().item()}
+        if previous is None:  # a gradient release: a DP-GD round or a DIFF2 restart
+            c = stage.clip1 if isinstance(stage, DIFF2Worker) else stage.clip
+            clean = clipped_sum(grads, c) / n
+            row.update(diff=0.0, clipped=(grads.norm(dim=1) > c).double().mean().item())
+            self._clean, self._noise = clean, released - clean
+        else:  # a DIFF2 difference release
+            diffs = grads - previous
+            norms = diffs.norm(dim=1)
+            clean = clipped_sum(diffs, stage.clip2) / n
+            row.update(diff=1.0, clipped=(norms > stage.clip2).double().mean().item(),
+                       median_over_c2=norms.median().item() / stage.clip2)
+            assert self._clean is not None and self._noise is not None
+            self._clean, self._noise = self._clean + clean, self._noise + (released - clean)
+        if not torch.allclose(self._clean + self._noise, direction, atol=1e-4, rtol=1e-3):
+            raise RuntimeError("probe: clean part + noise does not add up to the applied direction")
+        row.update(signal=clean.norm().item(), noise=(released - clean).norm().item(),
+                   nsr=self._noise.norm().item() / max(self._clean.norm().item(), 1e-12),
+                   cos=F.cosine_similarity(self._clean, true, dim=0).item())
+        self.rows.append(row)
+
+    def summary(self, period: Optional[int]) -> Dict[str, float]:
+        def mean(key: str, rows: List[Dict[str, float]]) -> float:
+            return statistics.mean(r[key] for r in rows) if rows else math.nan
+
+        def median(key: str, rows: List[Dict[str, float]]) -> float:
+            return statistics.median(r[key] for r in rows) if rows else math.nan
+
+        g = [r for r in self.rows if not r["diff"]]
+        d = [r for r in self.rows if r["diff"]]
+        out = {"grad_norm": mean("grad", self.rows), "nsr": median("nsr", self.rows), "cos": mean("cos", self.rows),
+               "grad_release_signal": mean("signal", g), "grad_release_noise": mean("noise", g),
+               "grad_release_clipped": mean("clipped", g)}
+        if d:
+            out.update(diff_release_signal=mean("signal", d), diff_release_noise=mean("noise", d),
+                       diff_release_clipped=mean("clipped", d), diff_median_over_c2=mean("median_over_c2", d))
+        if period:  # ṽ right after a restart vs at the last round of a period
+            last = [r for i, r in enumerate(self.rows) if i % period == period - 1]
+            out.update(nsr_restart=median("nsr", g), nsr_period_end=median("nsr", last),
+                       cos_restart=mean("cos", g), cos_period_end=mean("cos", last))
+        return out
+
+
+def train_full_batch(task: Task, stage: PrivacyStage, lr: float, rounds: int, seed: int,
+                     accountant: Optional[Accountant] = None, probe: Optional[Probe] = None) -> nn.Module:
+    """Full-batch rounds: grads -> stage -> (server) -> x ← x − lr·direction (q = 1)."""
     torch.manual_seed(seed)
     model = task.make_model()
-    n = task.x_train.shape[0]
-    trainer = PrivateTrainer(
-        model, task.loss, stage, torch.optim.SGD(model.parameters(), lr=lr), accountant=acc,
-        sample_rate=1.0 if q is None else q, expected_batch_size=n if q is None else q * n,
-    )
-    sampler = None if q is None else PoissonSampler(n, q, seed=10_000 + seed)
+    params = list(model.parameters())
+    server = stage.server()
+    x, y, n = task.x["fit"], task.y["fit"], task.n
+    before: Optional[torch.Tensor] = None  # per-sample grads at the previous point (same samples: full batch)
+    for _ in range(rounds):
+        grads = mlp_per_sample_grads(model, x, y, task.kind)
+        previous = before if stage.needs_previous else None
+        released = stage.step(grads, previous, normalizer=float(n))
+        if accountant is not None:
+            accountant.record(stage.last_noise_multiplier, 1.0)
+        direction = released if server is None else server.step(released)
+        if probe is not None:
+            probe.observe(stage, grads, previous, released, direction, n)
+        with torch.no_grad():
+            for p, g in zip(params, unflatten(direction, params)):
+                p.sub_(lr * g)
+        before = grads
+    return model
+
+
+def train_minibatch(task: Task, stage: PrivacyStage, lr: float, q: float, steps: int, seed: int,
+                    accountant: Optional[Accountant] = None) -> nn.Module:
+    """Poisson-sampled minibatch steps through ``PrivateTrainer``."""
+    torch.manual_seed(seed)
+    model = task.make_model()
+    trainer = PrivateTrainer(model, task.loss, stage, torch.optim.SGD(model.parameters(), lr=lr),
+                             accountant=accountant, sample_rate=q, expected_batch_size=q * task.n)
+    sampler = PoissonSampler(task.n, q, seed=10_000 + seed)
     for _ in range(steps):
-        idx = torch.arange(n) if sampler is None else sampler.sample()
-        trainer.step(task.x_train[idx], task.y_train[idx])
-    return task.metric(model, task.x_test, task.y_test)
+        idx = sampler.sample()
+        trainer.step(task.x["fit"][idx], task.y["fit"][idx])
+    return model
 
 
-def run_task(task: Task, eps_list: List[float], seeds: List[int]) -> List[Dict]:
-    n = task.x_train.shape[0]
+def check_fast_path(task: Task) -> None:
+    """The closed-form grads and ``train_full_batch`` reproduce commlib's per_sample_grads / PrivateTrainer."""
+    torch.manual_seed(0)
+    model = task.make_model()
+    x, y = task.x["fit"][:64], task.y["fit"][:64]
+    if not torch.allclose(mlp_per_sample_grads(model, x, y, task.kind), per_sample_grads(model, task.loss, x, y),
+                          atol=1e-5, rtol=1e-4):
+        raise RuntimeError(f"{task.name}: closed-form per-sample gradients differ from commlib's")
+    stages: List[Callable[[], PrivacyStage]] = [lambda: DPSGD(1.0, 2.0, seed=7),
+                                                 lambda: DIFF2Worker(1.0, 0.1, 2.0, 3.0, 2, seed=7)]
+    for make in stages:
+        fast = train_full_batch(task, make(), 0.1, 5, seed=3)
+        torch.manual_seed(3)
+        ref = task.make_model()
+        trainer = PrivateTrainer(ref, task.loss, make(), torch.optim.SGD(ref.parameters(), lr=0.1),
+                                 expected_batch_size=task.n)
+        for _ in range(5):
+            trainer.step(task.x["fit"], task.y["fit"])
+        for a, b in zip(fast.parameters(), ref.parameters()):
+            if not torch.allclose(a, b, atol=1e-5, rtol=1e-4):
+                raise RuntimeError(f"{task.name}: full-batch loop differs from PrivateTrainer ({type(make()).__name__})")
+
+
+# ---------------------------------------------------------------- configurations -> runs
+
+@functools.lru_cache(maxsize=None)
+def _sigma(eps: float, q: float, steps: int, n: int) -> float:
+    return calibrate_sigma(eps, DELTA, q, steps, dataset_size=n)
+
+
+@functools.lru_cache(maxsize=None)
+def _sigmas_diff2(eps: float, rounds: int, period: int, ratio: float, n: int) -> Tuple[float, float]:
+    return calibrate_diff2(eps, DELTA, 1.0, rounds, period, ratio=ratio, dataset_size=n)
+
+
+@dataclass
+class Spec:
+    """One fully specified run: stage factory (seed -> stage), step size, length, noise."""
+    make_stage: Callable[[int], PrivacyStage]
+    lr: float
+    steps: int
+    q: Optional[float]  # None: full batch
+    params: Dict[str, float]
+
+
+def build(method: str, cfg: Config, task: Task, eps: Optional[float], round_scale: float) -> Spec:
+    """Turn a grid configuration into a calibrated run at target ε (round_scale shortens full-batch runs)."""
+    n = task.n
     q = BATCH / n
     steps = int(round(task.epochs / q))
-    c, cg, c2 = task.clip_sgd, task.clip_gd, task.clip2_diff
-    ratio = 2 ** 0.25 * math.sqrt(cg / c2)
+    if method == "nonprivate SGD":
+        return Spec(lambda s: DPSGD(math.inf, 0.0, seed=s), cfg["lr"], steps, q, {"lr": cfg["lr"]})
+    assert eps is not None
+    if method in ("DP-SGD", "EF-DPSGD"):
+        c, sigma = cfg["clip"], _sigma(eps, q, steps, n)
+        params = {"clip": c, "lr": cfg["step"] / c, "sigma": sigma, "q": q, "steps": steps}
+        if method == "DP-SGD":
+            return Spec(lambda s: DPSGD(c, sigma, seed=s), cfg["step"] / c, steps, q, params)
+        return Spec(lambda s: EFDPSGD(c, c, sigma, seed=s), cfg["step"] / c, steps, q, params)
+    rounds = max(1, int(round(cfg["rounds"] * round_scale)))
+    if method == "DP-GD":
+        c, sigma = cfg["clip"], _sigma(eps, 1.0, rounds, n)
+        lr = cfg["time"] / (c * rounds)
+        return Spec(lambda s: DPSGD(c, sigma, seed=s), lr, rounds, None,
+                    {"rounds": rounds, "clip": c, "lr": lr, "sigma": sigma})
+    if method == "DIFF2":
+        c1, period = cfg["clip1"], int(cfg["period"])
+        lr = cfg["time"] / (c1 * rounds)
+        c2 = cfg["rho"] * lr * c1  # C₂ = ρ·η·C₁ (Murata & Suzuki 2023: ‖Δ‖ <= L·η·‖ṽ‖)
+        ratio = cfg["split"] * 2 ** 0.25 * math.sqrt(c1 / c2)
+        s1, s2 = _sigmas_diff2(eps, rounds, period, ratio, n)
+        return Spec(lambda s: DIFF2Worker(c1, c2, s1, s2, period, seed=s), lr, rounds, None,
+                    {"rounds": rounds, "period": period, "clip1": c1, "clip2": c2, "rho": cfg["rho"],
+                     "split": cfg["split"], "lr": lr, "sigma1": s1, "sigma2": s2})
+    raise ConfigError(f"unknown method {method!r}")
+
+
+def train(task: Task, spec: Spec, seed: int, accountant: Optional[Accountant] = None,
+          probe: Optional[Probe] = None) -> nn.Module:
+    stage = spec.make_stage(seed)
+    if spec.q is None:
+        return train_full_batch(task, stage, spec.lr, spec.steps, seed, accountant, probe)
+    return train_minibatch(task, stage, spec.lr, spec.q, spec.steps, seed, accountant)
+
+
+def utility(task: Task, spec: Spec, seed: int, split: str, accountant: Optional[Accountant] = None,
+            probe: Optional[Probe] = None) -> float:
+    """Utility on ``split`` after training; a run that diverged (non-finite gradients or outputs) scores NaN."""
+    try:
+        value = task.metric(train(task, spec, seed, accountant, probe), split)
+    except NonFiniteError:  # commlib refuses to clip/release a NaN gradient: the run diverged
+        return math.nan
+    return value if math.isfinite(value) else math.nan
+
+
+# ---------------------------------------------------------------- protocol
+
+def tune(task: Task, method: str, eps: Optional[float], grid: List[Config], tune_seeds: Sequence[int],
+         round_scale: float) -> Tuple[int, List[float]]:
+    """Mean validation utility of every configuration over the tuning seeds; index of the best."""
+    scores = []
+    for cfg in grid:
+        spec = build(method, cfg, task, eps, round_scale)
+        scores.append(statistics.mean(utility(task, spec, s, "val") for s in tune_seeds))  # NaN if any diverged
+    sign = 1.0 if task.higher_is_better else -1.0
+    best = max(range(len(grid)), key=lambda i: -math.inf if math.isnan(scores[i]) else sign * scores[i])
+    return best, scores
+
+
+def report(task: Task, method: str, eps: Optional[float], spec: Spec, seeds: Sequence[int],
+           probe_period: Optional[int] = None, want_probe: bool = False) -> Dict:
+    """Test utility over the reported seeds, ε spent, and (seed 0) the probe summary."""
+    utils, spent, diag = [], [], None
+    for s in seeds:
+        acc = None if eps is None else Accountant(DELTA, target_epsilon=eps, dataset_size=task.n)
+        probe = Probe() if want_probe and s == seeds[0] else None
+        utils.append(utility(task, spec, s, "test", acc, probe))
+        if acc is not None and acc.steps == spec.steps:  # a diverged run stops releasing early
+            spent.append(acc.epsilon)
+        if probe is not None and probe.rows:
+            diag = probe.summary(probe_period)
+    ok = [u for u in utils if not math.isnan(u)]
+    return {"utility": utils, "utility_mean": statistics.mean(ok) if ok else math.nan,
+            "utility_std": statistics.pstdev(ok) if ok else math.nan, "diverged": len(utils) - len(ok),
+            "eps_spent": max(spent) if spent else None, "diagnostics": diag}
+
+
+def run_task(task: Task, eps_list: List[float], seeds: List[int], tune_seeds: Sequence[int], quick: bool,
+             round_scale: float) -> List[Dict]:
     rows: List[Dict] = []
-
-    def record(method: str, eps_target: Optional[float], utils: List[float], spent: Optional[float],
-               params: Dict, seconds: float, note: str = "") -> None:
-        rows.append({
-            "task": task.name, "method": method, "eps_target": eps_target, "eps_spent": spent,
-            "utility_mean": statistics.mean(utils), "utility_std": statistics.pstdev(utils),
-            "utility": utils, "metric": task.metric_name, "params": params, "seconds": seconds, "note": note,
-        })
-
-    t0 = time.perf_counter()
-    utils = [_train(task, DPSGD(math.inf, 0.0), s, task.lr_plain, q, steps, None) for s in seeds]
-    record("nonprivate SGD", None, utils, None, {"q": q, "steps": steps, "lr": task.lr_plain}, time.perf_counter() - t0)
-
-    for eps in eps_list:
-        sigma = calibrate_sigma(eps, DELTA, q, steps, dataset_size=n)
-        sigma_gd = calibrate_sigma(eps, DELTA, 1.0, task.rounds, dataset_size=n)
-        s1, s2 = calibrate_diff2(eps, DELTA, 1.0, task.rounds, task.period, ratio=ratio, dataset_size=n)
-        specs = [
-            ("DP-SGD", lambda s: DPSGD(c, sigma, seed=s), task.lr_sgd, q, steps,
-             {"clip": c, "sigma": sigma}, ""),
-            ("EF-DPSGD", lambda s: EFDPSGD(c, c, sigma, seed=s), task.lr_ef, q, steps,
-             {"clip1": c, "clip2": c, "sigma": sigma}, "*"),
-            ("DP-GD", lambda s: DPSGD(cg, sigma_gd, seed=s), task.lr_gd, None, task.rounds,
-             {"clip": cg, "sigma": sigma_gd}, ""),
-            ("DIFF2", lambda s: DIFF2Worker(cg, c2, s1, s2, task.period, seed=s), task.lr_gd, None, task.rounds,
-             {"clip1": cg, "clip2": c2, "sigma1": s1, "sigma2": s2, "period": task.period}, ""),
-        ]
-        for method, make_stage, lr, rate, nsteps, params, note in specs:
+    methods = ["nonprivate SGD", *PRIVATE]
+    for eps in [None, *eps_list]:
+        for method in methods:
+            if (eps is None) != (method == "nonprivate SGD"):
+                continue
             t0 = time.perf_counter()
-            utils, spent = [], []
-            for s in seeds:
-                acc = Accountant(DELTA, target_epsilon=eps, dataset_size=n)
-                utils.append(_train(task, make_stage(s), s, lr, rate, nsteps, acc))
-                spent.append(acc.epsilon)
-            params = {**params, "lr": lr, "q": rate or 1.0, "steps": nsteps}
-            record(method, eps, utils, max(spent), params, time.perf_counter() - t0, note)
+            grid = task.grids[method][::4] if quick else task.grids[method]
+            best, scores = tune(task, method, eps, grid, tune_seeds, round_scale)
+            spec = build(method, grid[best], task, eps, round_scale)
+            full_batch = method in ("DP-GD", "DIFF2")
+            period = spec.params.get("period") if method == "DIFF2" else None
+            res = report(task, method, eps, spec, seeds, period, want_probe=full_batch)
+            rows.append({"task": task.name, "method": method, "eps_target": eps, "metric": task.metric_name,
+                         "selected": grid[best], "params": spec.params, "grid": grid, "val_scores": scores,
+                         "note": "*" if method == "EF-DPSGD" else "", "seconds": time.perf_counter() - t0, **res})
+            if method == "DIFF2":  # DP-GD in DIFF2's own regime (same R, C₁, η), for the explanation
+                t0 = time.perf_counter()
+                p = spec.params
+                c, rounds, lr = p["clip1"], int(p["rounds"]), p["lr"]
+                sigma = _sigma(eps, 1.0, rounds, task.n)
+                matched = Spec(lambda s: DPSGD(c, sigma, seed=s), lr, rounds, None,
+                               {"rounds": rounds, "clip": c, "lr": lr, "sigma": sigma})
+                res = report(task, MATCHED, eps, matched, seeds, None, want_probe=True)
+                rows.append({"task": task.name, "method": MATCHED, "eps_target": eps, "metric": task.metric_name,
+                             "selected": None, "params": matched.params, "grid": [], "val_scores": [],
+                             "note": "", "seconds": time.perf_counter() - t0, **res})
     return rows
 
 
+# ---------------------------------------------------------------- output
+
+def _short(p: Dict[str, float]) -> str:
+    keys = ("rounds", "period", "clip", "clip1", "clip2", "lr", "split", "sigma", "sigma1", "sigma2")
+    return " ".join(f"{k}={p[k]:.3g}" if isinstance(p[k], float) else f"{k}={p[k]}" for k in keys if k in p)
+
+
+def _fmt_util(r: Dict) -> str:
+    digits = 1 if r["metric"] == "acc %" else 4
+    return f"{r['utility_mean']:.{digits}f} ± {r['utility_std']:.{digits}f}"
+
+
 def print_table(rows: List[Dict]) -> None:
-    print(f"{'task':<11}{'ε target':>9} {'method':<15}{'ε spent':>9}  {'utility (mean ± std)':<24}{'σ':>16}  {'s':>6}")
+    print(f"{'task':<11}{'ε':>4} {'method':<26}{'ε spent':>9}  {'test utility':<18}{'s':>6}  selected")
     for r in rows:
         eps_t = "-" if r["eps_target"] is None else f"{r['eps_target']:g}"
         spent = "∞" if r["eps_spent"] is None else f"{r['eps_spent']:.3f}{r['note']}"
-        p = r["params"]
-        sig = "0" if "sigma" not in p and "sigma1" not in p else (
-            f"{p['sigma']:.3f}" if "sigma" in p else f"{p['sigma1']:.2f}/{p['sigma2']:.2f}")
-        util = f"{r['utility_mean']:.4g} ± {r['utility_std']:.2g} ({r['metric']})"
-        print(f"{r['task']:<11}{eps_t:>9} {r['method']:<15}{spent:>9}  {util:<24}{sig:>16}  {r['seconds']:>6.1f}")
+        util = f"{_fmt_util(r)} {r['metric']}"
+        print(f"{r['task']:<11}{eps_t:>4} {r['method']:<26}{spent:>9}  {util:<18}{r['seconds']:>6.0f}  "
+              f"{_short(r['params'])}")
+
+
+def _diag_cells(d: Dict[str, float]) -> List[str]:
+    """Diagnostics table cells (shared by the console and markdown tables)."""
+    per = (f"{d['nsr_restart']:.2f} → {d['nsr_period_end']:.2f}" if "nsr_restart" in d else "-")
+    cells = [f"{d['grad_norm']:.3f}", f"{d['nsr']:.2f}", per, f"{d['cos']:.2f}", f"{d['grad_release_signal']:.3f}",
+             f"{d['grad_release_noise']:.3f}", f"{d['grad_release_clipped']:.2f}"]
+    if "diff_release_signal" in d:
+        cells += [f"{d['diff_release_signal']:.4f}", f"{d['diff_release_noise']:.4f}",
+                  f"{d['diff_release_clipped']:.2f}", f"{d['diff_median_over_c2']:.2f}"]
+    else:
+        cells += ["-"] * 4
+    return cells
+
+
+DIAG_HEAD = ["‖∇f‖", "NSR", "NSR restart → period end", "cos", "g-sig", "g-noise", "g-clip", "Δ-sig", "Δ-noise",
+             "Δ-clip", "med‖Δ‖/C₂"]
+
+
+def print_diagnostics(rows: List[Dict]) -> None:
+    print("\nfull-batch diagnostics (seed 0; NSR = ‖noise in ṽ‖/‖clean part of ṽ‖, median over rounds; "
+          "cos = cosine(clean part, ∇f); others: means over rounds):")
+    widths = [7, 7, 26, 6, 7, 8, 7, 8, 8, 7, 11]
+    print(f"{'task':<11}{'ε':>4} {'method':<26}" + "".join(f"{h:>{w}}" for h, w in zip(DIAG_HEAD, widths)))
+    for r in rows:
+        if r.get("diagnostics"):
+            cells = _diag_cells(r["diagnostics"])
+            print(f"{r['task']:<11}{r['eps_target']:>4g} {r['method']:<26}"
+                  + "".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
+
+
+def write_markdown(path: Path, rows: List[Dict], meta: Dict) -> None:
+    lines = [f"# privacy benchmark ({'quick' if meta['quick'] else 'full'} run)", "",
+             f"δ = {DELTA:g}; reported seeds {meta['seeds']}, tuning seeds {meta['tune_seeds']} (validation split); "
+             f"{meta['seconds']:.0f} s on {meta['machine']}, torch {meta['torch']}. Generated by "
+             "`benchmarks/privacy.py`; protocol in its docstring.", "",
+             "## Test utility of the configuration selected on validation", "",
+             "| task | ε | method | ε spent | test utility (mean ± std) | selected hyper-parameters |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        eps_t = "-" if r["eps_target"] is None else f"{r['eps_target']:g}"
+        spent = "∞" if r["eps_spent"] is None else f"{r['eps_spent']:.3f}{r['note']}"
+        lines.append(f"| {r['task']} | {eps_t} | {r['method']} | {spent} | {_fmt_util(r)} {r['metric']} | "
+                     f"{_short(r['params'])} |")
+    lines += ["", "\\* EF-DPSGD's ε is the DP-SGD accountant's at the same σ (noise ×√(1+2C₂/C₁)); it rests on "
+              "the paper's privacy theorem, which commlib does not verify.",
+              f"'{MATCHED}' is not tuned: DP-GD run with DIFF2's selected R, C₁ and η (for the explanation).", "",
+              "## Full-batch diagnostics (seed 0)", "",
+              "ṽ (the applied direction) = clean part (clipped mean of the last gradient release plus the clipped "
+              "mean differences since) + accumulated noise. ‖∇f‖: unclipped full-batch gradient (mean over rounds); "
+              "NSR: ‖noise in ṽ‖/‖clean part‖ (median over rounds; for DIFF2 also right after restarts → at the "
+              "last round of periods); cos: cosine(clean part, ∇f) (clipping bias; mean); g-/Δ- sig and noise: "
+              "norms of the clipped mean and of the noise in gradient / difference releases; clip: fraction of "
+              "samples clipped; med‖Δ‖/C₂: median per-sample difference norm over C₂ (means over rounds).", "",
+              "| task | ε | method | " + " | ".join(DIAG_HEAD) + " |", "|---" * (3 + len(DIAG_HEAD)) + "|"]
+    for r in rows:
+        if r.get("diagnostics"):
+            lines.append(f"| {r['task']} | {r['eps_target']:g} | {r['method']} | "
+                         + " | ".join(_diag_cells(r["diagnostics"])) + " |")
+    lines += ["", "## Validation utility of every grid configuration (mean over tuning seeds)", ""]
+    for task in dict.fromkeys(r["task"] for r in rows):
+        for method in dict.fromkeys(r["method"] for r in rows if r["task"] == task and r["grid"]):
+            sel = [r for r in rows if r["task"] == task and r["method"] == method]
+            eps_cols = ["-" if r["eps_target"] is None else f"ε={r['eps_target']:g}" for r in sel]
+            lines += [f"**{task} / {method}**", "", "| config | " + " | ".join(eps_cols) + " |",
+                      "|---|" + "---|" * len(sel)]
+            for i, cfg in enumerate(sel[0]["grid"]):
+                cells = [f"**{r['val_scores'][i]:.4g}**" if r["grid"][i] == r["selected"] else f"{r['val_scores'][i]:.4g}"
+                         for r in sel]
+                label = " ".join(f"{k}={v:g}" for k, v in cfg.items())
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+            lines.append("")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _finite(obj: object) -> object:
+    """NaN (a diverged run) -> None, so the JSON file is standard JSON."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="ε = 3 only, half the epochs/rounds, one seed (< 2 min)")
-    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 3, quick 1)")
+    ap.add_argument("--quick", action="store_true",
+                    help="ε = 3, 2 configs per grid, 1 tuning and 1 reported seed, 1/4 of the rounds (< 2 min)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of reported seeds (default 3, quick 1)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    seeds = list(range(1 if args.quick else 3)) if args.seeds is None else list(range(args.seeds))
-    eps_list = [3.0] if args.quick else [2.0, 3.0, 5.0]
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on skipped RDP orders
+    seeds = list(range(1 if args.quick else 3)) if args.seeds is None else list(range(args.seeds))
+    tune_seeds = TUNE_SEEDS[:1] if args.quick else TUNE_SEEDS
+    eps_list = [3.0] if args.quick else [2.0, 3.0, 5.0]
+    round_scale = 0.25 if args.quick else 1.0
     start = time.perf_counter()
     rows: List[Dict] = []
     for task in (digits_task(args.quick), regression_task(args.quick)):
-        rows += run_task(task, eps_list, seeds)
+        check_fast_path(task)
+        rows += run_task(task, eps_list, seeds, tune_seeds, args.quick, round_scale)
+    total = time.perf_counter() - start
     print_table(rows)
     print("* EF-DPSGD's ε is the DP-SGD accountant's at the same σ (noise ×√(1+2C₂/C₁)); it relies on the "
           "paper's privacy theorem, which commlib does not verify.")
-    total = time.perf_counter() - start
+    print_diagnostics(rows)
     print(f"total {total:.1f} s")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "benchmark": "privacy", "quick": args.quick, "delta": DELTA, "seeds": seeds, "rows": rows,
-        "seconds": total, "torch": torch.__version__, "python": platform.python_version(),
-        "machine": platform.machine(),
-    }, indent=1))
+    meta = {"benchmark": "privacy", "quick": args.quick, "delta": DELTA, "seeds": seeds, "tune_seeds": list(tune_seeds),
+            "seconds": total, "torch": torch.__version__, "python": platform.python_version(),
+            "machine": platform.machine()}
+    stem = "privacy_quick" if args.quick else "privacy"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(_finite({**meta, "rows": rows}), indent=1))
+    write_markdown(RESULTS / f"{stem}.md", rows, meta)
 
 
 if __name__ == "__main__":
