@@ -382,7 +382,7 @@ class SGCServer:
         self.sched.end_round(r)
         job = self.sched.due(r)
         if job is None:
-            ps._sgc_idle_round(list(got))
+            ps._sgc_idle_round()
             return
         if self.sched.decodable(job):
             self.on_time += 1

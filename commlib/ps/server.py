@@ -443,7 +443,7 @@ class ParameterServer:
         self._step(dirs)
         self._after_update(workers, staleness=self.sgc.sched.T)
 
-    def _sgc_idle_round(self, workers: List[int]) -> None:
+    def _sgc_idle_round(self) -> None:
         """Sequential coding: a round with no job due (the first T rounds)."""
         self._last_apply = time.monotonic()
 
