@@ -106,9 +106,9 @@ def init_process_group_bound(backend: str, rank: int, world_size: int, master_ad
     if bind is not None:
         if rank == 0:
             sock = _listening_socket(bind, int(master_port))
+            # the store takes the descriptor over (Python must not close it under the store)
             store = dist.TCPStore(master_addr, int(master_port), world_size, True, timeout=timeout,
-                                  master_listen_fd=sock.fileno())
-            store._commlib_socket = sock  # keep the listening socket open as long as the store
+                                  master_listen_fd=sock.detach())
         else:
             store = dist.TCPStore(master_addr, int(master_port), world_size, False, timeout=timeout)
     if bind is not None and backend == "gloo":
