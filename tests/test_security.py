@@ -13,8 +13,6 @@ import time
 import pytest
 import torch
 
-from commlib.comm import InprocHub
-from commlib.comm.auth import FrameAuth
 from commlib.errors import ConfigError
 from commlib.ps.protocol import Frame, FrameFlag, FrameKind
 from commlib.wire import Message, Payload
@@ -36,6 +34,9 @@ def _forged_push(task, worker: int, step: int, seq: int, session: int, incarnati
 
 
 def test_forged_replayed_and_misaddressed_frames_never_reach_the_receiver():
+    from commlib.comm import InprocHub
+    from commlib.comm.auth import FrameAuth
+
     key = FrameAuth(secrets.token_hex(32))
     hub = InprocHub(4)
     wire = []  # what an eavesdropper on the network captures
@@ -72,7 +73,7 @@ def test_forged_replayed_and_misaddressed_frames_never_reach_the_receiver():
 
 
 def test_secret_from_env_or_file_and_refusal_without_one(tmp_path, monkeypatch):
-    from commlib.comm.auth import ensure_secret, load_secret
+    from commlib.comm.auth import FrameAuth, ensure_secret, load_secret
 
     env = {}
     with pytest.raises(ConfigError, match="COMMLIB_SECRET"):

@@ -72,6 +72,17 @@ def local_ray_env(env=None) -> Dict[str, str]:
     return {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") if k in env}
 
 
+def _reload_ray_auth_config() -> None:
+    """Ray reads ``RAY_AUTH_MODE`` into its C++ config when it is imported; make an already
+    imported Ray see the mode and token set after that (what Ray's own test helpers do)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # another Ray version: it reads the environment at init
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def ray_start(address: Optional[str] = None, num_cpus: Optional[int] = None, **init_kw: Any) -> bool:
     """Start (or join) Ray once per process; returns True when this call initialised it.
 
@@ -86,7 +97,8 @@ def ray_start(address: Optional[str] = None, num_cpus: Optional[int] = None, **i
     kw: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     kw.update(init_kw)
     if address is None:
-        local_ray_env()
+        if local_ray_env().get("RAY_AUTH_MODE", "").lower() == "token":
+            _reload_ray_auth_config()
         kw.setdefault("_node_ip_address", "127.0.0.1")
         kw.setdefault("_temp_dir", ray_temp_dir())
         kw.setdefault("dashboard_host", "127.0.0.1")
