@@ -299,3 +299,43 @@ def test_stale_temp_files_of_dead_savers_are_removed(tmp_path):
     with pytest.raises(ConfigError, match="plain types"):
         ckpt.load(path)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_resumed_server_waits_for_workers_to_rejoin_before_counting_them(tmp_path):
+    """Sessions restored from a checkpoint are not present: a resumed server waits for HELLOs
+    (the workers are new processes) and applies no round with fewer than the quorum."""
+    import threading
+
+    from commlib.comm import InprocHub
+    from commlib.ps import ParameterServer, PSConfig, PSWorker, build_task
+    from commlib.scheme import Scheme
+
+    ck = str(tmp_path / "ps.pt")
+    n, task_spec = 3, dict(TASK)
+
+    def run(steps, resume, delay):
+        hub = InprocHub(n + 1)
+        cfg = PSConfig(steps=steps, checkpoint=ck, resume=resume, step_timeout=0.5, max_misses=1,
+                       startup_timeout=30.0, worker_timeout=2.0)
+        server = ParameterServer(hub.endpoint(0), Scheme.from_config({"compressor": "identity"}),
+                                 build_task(task_spec), cfg)
+        if resume:
+            assert not any(getattr(r, "present", True) for r in server.records)
+
+        def work(w):
+            time.sleep(delay)
+            PSWorker(hub.endpoint(w + 1), Scheme.from_config({"compressor": "identity"}), build_task(task_spec),
+                     cfg).run()
+
+        threads = [threading.Thread(target=work, args=(w,), daemon=True) for w in range(n)]
+        [t.start() for t in threads]
+        res = server.run()
+        [t.join(30) for t in threads]
+        return res
+
+    first = run(4, False, 0.0)
+    assert first["steps"] == 4
+    res = run(10, True, 1.5)  # the new worker processes arrive 1.5 s after the server restarted
+    assert res["steps"] == 10 and res["incarnation"] == 1
+    assert [h["workers"] for h in res["history"]] == [n] * 6, res["history"]
+    assert res["totals"]["drops"] == 0 and res["totals"]["timeouts"] == 0
