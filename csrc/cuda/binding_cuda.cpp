@@ -212,8 +212,8 @@ std::string scatter_add(Tensor out, const Tensor& idx, const Tensor& val, double
   const bool idx64 = idx.scalar_type() == at::kLong;
   const int vcode = dcode_of(val.scalar_type());
   Tensor mm = at::empty({2}, out.options().dtype(at::kLong));
-  Tensor fl = at::empty({2}, out.options().dtype(at::kInt));
-  ok(kern::scan_source(idx.data_ptr(), idx64, val.data_ptr(), vcode, idx.numel(), false,
+  Tensor fl = at::empty({3}, out.options().dtype(at::kInt));
+  ok(kern::scan_source(idx.data_ptr(), idx64, val.data_ptr(), vcode, idx.numel(), false, 1.0f, 1.0f, HUGE_VAL,
                        reinterpret_cast<long long*>(mm.data_ptr<int64_t>()), fl.data_ptr<int>(), stream()));
   const Tensor mmc = mm.cpu(), flc = fl.cpu();
   const int64_t lo = mmc.data_ptr<int64_t>()[0], hi = mmc.data_ptr<int64_t>()[1];
