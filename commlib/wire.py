@@ -116,15 +116,26 @@ def randk_indices(numel: int, k: int, seed: int, device: Union[str, torch.device
     return idx.to(device)
 
 
+_PACK_CODE = {torch.float32: "<f", torch.float16: "<e"}
+
+
 def _round_to(x: float, dtype: torch.dtype) -> float:
     """IEEE round-to-nearest of a Python float into ``dtype`` (overflow gives +-Inf), as a float."""
-    return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+    if dtype == torch.float64 or x != x:
+        return float(x)
+    code = _PACK_CODE.get(dtype)
+    if code is None:  # bfloat16: no struct format
+        return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+    try:
+        return struct.unpack(code, struct.pack(code, x))[0]
+    except OverflowError:  # struct refuses what rounds to Inf
+        return math.copysign(math.inf, x)
 
 
 def _product_in(a: float, b: float, dtype: torch.dtype) -> float:
-    """round_dtype(a * b) for a, b already representable in ``dtype``: the exact product rounded
-    once (float32/16/bf16 products are exact in torch's float or double opmath)."""
-    return float(torch.tensor(a, dtype=dtype) * torch.tensor(b, dtype=dtype))
+    """round_dtype(a * b) for a, b representable in ``dtype``: the exact product rounded once
+    (float32/16/bf16 products are exact in float64, so one rounding of the double product)."""
+    return _round_to(a * b, dtype)
 
 
 def check_scale(scale: float, *, target: torch.dtype = torch.float32, alpha: float = 1.0) -> None:
