@@ -56,6 +56,12 @@ class Scheme:
         nonfinite: a worker gradient with NaN/Inf is "skip"ped for that step (state untouched,
             counted) or "raise"s NonFiniteError.
         seed: base seed for randomised compressors (random-k): mixed with rank, step and slot.
+        max_abs: optional bound on every received decoded value |value * scale|: receivers (the
+            parameter server, the DDP hook) reject a payload with a larger one, counted per
+            sender. Without it only the value rule applies (finite in float32 after scale and cast).
+        checksum: DDP all-gather messages carry a CRC-32 per payload, checked by every rank (a
+            corrupted message is rejected and counted in ``rejected_by_rank``). None: on for
+            robust aggregators, off for the mean. A CRC catches accidents, it is no authentication.
         attack: simulate Byzantine ranks (tests, simulation, benchmarks): an
             ``commlib.attacks.AttackPlan`` or a dict ``{"attack": "alie", "ranks": [3], ...options}``.
             The server half replaces those ranks' decoded vectors by the attack's output computed
@@ -79,6 +85,8 @@ class Scheme:
         nonfinite: str = "skip",
         seed: int = 0,
         attack: Any = None,
+        max_abs: Optional[float] = None,
+        checksum: Optional[bool] = None,
     ) -> None:
         copt = dict(compressor_options or {})
         if ratio is not None:
@@ -110,6 +118,10 @@ class Scheme:
         self.seed = int(seed)
         self._dense = Identity()
         self.attack = self._build_attack(attack)
+        if max_abs is not None and not (isinstance(max_abs, (int, float)) and 0 < float(max_abs) < float("inf")):
+            raise ConfigError(f"max_abs must be a finite number > 0 (or None), got {max_abs!r}")
+        self.max_abs: Optional[float] = None if max_abs is None else float(max_abs)
+        self.checksum: bool = (not self.aggregator.is_mean) if checksum is None else bool(checksum)
 
     @staticmethod
     def _build_attack(attack: Any):

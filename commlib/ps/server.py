@@ -48,7 +48,7 @@ from commlib.ps.protocol import Frame, FrameFlag, FrameKind
 from commlib.ps.task import Task, model_keys
 from commlib.ps.worker import SERVER_RANK, SERVER_SENDER
 from commlib.scheme import Scheme
-from commlib.wire import DTYPES, Message, Payload
+from commlib.wire import DTYPES, Message, Payload, check_values
 
 
 @dataclass
@@ -332,8 +332,14 @@ class ParameterServer:
         return ""
 
     def _decode(self, frame: Frame) -> Optional[List[Payload]]:
+        """The push's payloads (validated by the frame: layout, CRC, the value rule for float32),
+        checked against the scheme's ``max_abs``; None when rejected (counted)."""
         try:
-            return frame.message(self.numels, sender=frame.worker).payloads
+            payloads = frame.message(self.numels, sender=frame.worker).payloads
+            if self.scheme.max_abs is not None:
+                for p in payloads:
+                    check_values(p.values, p.scale, max_abs=self.scheme.max_abs, slot=p.slot)
+            return payloads
         except PayloadError:
             self.records[frame.worker].rejected += 1
             self._event("rejected", frame.worker)
