@@ -22,8 +22,7 @@ def clip_scales(norms: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 @AGGREGATORS.register("centered-clipping", "cclip")
 class CenteredClipping(RobustAggregator):
     """Centered clipping (Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust
-    Optimization", ICML 2021, arXiv 2012.10333; the centered clipping update, whose equation
-    number was not verified here):
+    Optimization", ICML 2021, arXiv 2012.10333, the centered clipping update):
 
         v_{l+1} = v_l + (1/n) sum_i (x_i - v_l) min(1, tau / ||x_i - v_l||),   l = 0..L-1
 

@@ -86,7 +86,7 @@ class FaultHooks(WorkerHooks):
 
     def byzantine(self, worker: PSWorker, step: int, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """The attack's row for this worker, crafted from the honest workers' gradients at the
-        current parameters (an omniscient attacker, the usual threat model in ALGORITHMS.md §6)."""
+        current parameters (an omniscient attacker, the usual threat model, docs/algorithms.md §6)."""
         if not self._vector_attack():
             return None
         honest_ids = [h for h in range(worker.n_workers) if h not in self.byzantine_ids]
