@@ -3,7 +3,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -13,8 +13,11 @@ from commlib.aggregate.robust import BaseSpec, PreAggregator, RobustAggregator
 from commlib.errors import ConfigError
 
 
-def clip_scales(norms: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """min(1, threshold / norm) per vector (1 for zero vectors)."""
+def clip_scales(norms: torch.Tensor, threshold: Union[torch.Tensor, float]) -> torch.Tensor:
+    """min(1, threshold / norm) per vector (1 for zero vectors; 0 for an infinite norm).
+
+    The one clip factor of the package: robust clipping rules here and the per-sample clipping
+    of the privacy stages (``commlib.privacy.clipping.clip_factors``) use it."""
     return torch.where(norms > threshold, threshold / norms.clamp(min=torch.finfo(norms.dtype).tiny),
                        torch.ones_like(norms))
 
