@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from commlib.aggregate import AGGREGATORS, Aggregator
+from commlib.aggregate.base import mean_divisor
 from commlib.compress import COMPRESSORS, Compressor
 from commlib.compress.identity import Identity
 from commlib.errors import CommlibError, ConfigError, NonFiniteError
@@ -382,7 +383,7 @@ class SchemeServer:
                         continue
                     p.add_to(out)
                     count += 1
-                div = n if fb.increments else count  # a silent worker is a zero increment (EF21)
+                div = mean_divisor(n, count, fb.increments)
                 if div:
                     out.div_(div)
                 aggs.append(out)

@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from commlib.aggregate.base import mean_divisor
 from commlib.compress.identity import FP16
 from commlib.errors import PayloadError
 from commlib.wire import Kind, Message, Payload
@@ -179,7 +180,7 @@ def _allreduce(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
         cnt = summed[total:].to(torch.float64).round().tolist()
         aggs = []
         for j, s in enumerate(secs):
-            div = n if fb.increments else cnt[j]  # values were pre-divided by n
+            div = mean_divisor(n, cnt[j], fb.increments)  # values were pre-divided by n
             if not div:
                 aggs.append(torch.zeros_like(s, dtype=buf.dtype))
                 continue

@@ -117,7 +117,7 @@ class ParameterServer:
         self.keys, self.params = model_keys(self.model)
         self.numels = [p.numel() for p in self.params]
         self.dense = [scheme.sends_dense(tuple(p.shape)) for p in self.params]
-        self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode)
+        self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode, self.n)
         check_optimizer(scheme, self.optimizer)
         if cfg.quorum is not None and int(cfg.quorum) > self.n:
             raise ConfigError(f"quorum {cfg.quorum} exceeds the {self.n} workers")
