@@ -371,25 +371,35 @@ class SchemeServer:
             raise CommlibError("no worker contributions to aggregate")
         dense = dense if dense is not None else [False] * len(keys)
         agg = self.scheme.aggregator
-        fb = self.scheme.feedback
         if agg.is_mean and self.scheme.attack is None:
-            aggs = []
-            for j, numel in enumerate(numels):
-                out = torch.zeros(numel, dtype=dtype, device=device)
-                count = 0
-                for r in range(n):
-                    p = received[r][j]
-                    if p is None or p.kind == Kind.SKIP:
-                        continue
-                    p.add_to(out)
-                    count += 1
-                div = mean_divisor(n, count, fb.increments)
-                if div:
-                    out.div_(div)
-                aggs.append(out)
+            aggs = [self._mean(received, j, numel, dtype, device) for j, numel in enumerate(numels)]
+            # Each payload passed the value rule (finite in ``dtype``), but a sum of several
+            # near the top of the range can still overflow: one host sync for the whole group,
+            # and only then the exact mean again in float64 (it lies within the inputs' range).
+            if aggs and dtype != torch.float64 and \
+                    not bool(torch.isfinite(torch.stack([a.sum(dtype=torch.float64) for a in aggs])).all()):
+                aggs = [a if bool(torch.isfinite(a).all()) else
+                        self._mean(received, j, numels[j], torch.float64, device).to(dtype)
+                        for j, a in enumerate(aggs)]
         else:
             aggs = self._robust(numels, received, dtype, device)
         return self.finish(keys, aggs, dense)
+
+    def _mean(self, received: Sequence[Sequence[Optional[Payload]]], j: int, numel: int, dtype: torch.dtype,
+              device) -> torch.Tensor:
+        """Mean of the workers' payloads for key j (skipped/missing ones follow ``mean_divisor``)."""
+        out = torch.zeros(numel, dtype=dtype, device=device)
+        count = 0
+        for msgs in received:
+            p = msgs[j]
+            if p is None or p.kind == Kind.SKIP:
+                continue
+            p.add_to(out)
+            count += 1
+        div = mean_divisor(len(received), count, self.scheme.feedback.increments)
+        if div:
+            out.div_(div)
+        return out
 
     def finish(self, keys: Sequence[str], aggregates: Sequence[torch.Tensor],
                dense: Optional[Sequence[bool]] = None) -> List[torch.Tensor]:

@@ -190,3 +190,34 @@ def test_ddp_hook_survives_every_forged_message(tmp_path):
         assert r["rejected"] == {"3": expect}, (agg, r)
         assert r["finite"] and r["replicas_equal"], (agg, r)
         assert r["loss_after"] < 0.7 * r["loss_before"], (agg, r)
+
+
+# ---- finite but huge: values that pass the value rule must not break the rules themselves ----
+# (n = 7, f = 2 colluding workers at the top of float32's range, or at 1e20 where a float32
+# squared distance overflows; before the fix Krum/NNM/MoNNA selected the attackers, geometric
+# median gave NaN, Flag raised LinAlgError and the mean overflowed to Inf.)
+HUGE_RULES = [("mean", {}), ("median", {"f": 2}), ("trimmed-mean", {"f": 2}), ("krum", {"f": 2}),
+              ("multi-krum", {"f": 2}), ("geometric-median", {"f": 2}), ("centered-clipping", {"f": 2}),
+              ("nnm", {"f": 2, "base": "trimmed-mean"}), ("monna", {"f": 2}), ("flag", {"f": 2}),
+              ("arc", {"f": 2}), ("norm-clipping", {"c": 1.0})]
+
+
+@pytest.mark.parametrize("value", [3.0e38, -3.0e38, 1.0e20])
+@pytest.mark.parametrize("rule,opts", HUGE_RULES, ids=[r for r, _ in HUGE_RULES])
+def test_rules_survive_colluding_huge_finite_rows(rule, opts, value):
+    from commlib.scheme import SchemeServer
+    from commlib.wire import Payload
+
+    gen = torch.Generator().manual_seed(3)
+    d, n = 64, 7
+    honest = torch.randn(n - 2, d, generator=gen)
+    rows = [torch.full((d,), value), torch.full((d,), value * 0.5)] + list(honest)
+    received = [[Payload.dense(r).validate()] for r in rows]  # each passes the value rule
+    out = SchemeServer(Scheme("identity", aggregator=rule, aggregator_options=opts), n).decode_group(
+        ["w"], [d], received)[0]
+    assert torch.isfinite(out).all(), f"{rule}: non-finite aggregate"
+    if rule != "mean":  # a robust rule stays in the honest workers' range
+        assert out.abs().max() <= 10 * honest.abs().max(), f"{rule}: the attackers moved the aggregate"
+    else:  # the mean is not robust, but exact: it equals the float64 mean
+        want = torch.stack([torch.as_tensor(r, dtype=torch.float64) for r in rows]).mean(0).float()
+        torch.testing.assert_close(out, want)
