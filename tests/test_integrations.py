@@ -50,3 +50,18 @@ def test_lightning_callback_trains_checkpoints_all_ranks_and_resumes_bit_identic
     # Lightning's own DDPStrategy(ddp_comm_hook=...) on CPU: never installed, and commlib says so
     assert res["strategy_recipe_bytes"] == 0 and res["strategy_recipe_warned"]
     assert res["double_momentum"].startswith("double momentum")
+
+
+@pytest.mark.slow
+def test_accelerate_register_trains_saves_all_ranks_and_resumes_bit_identically(tmp_path):
+    pytest.importorskip("accelerate")
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             str(ROOT / "tests" / "accelerate_job.py"), str(tmp_path)], tmp_path)
+    res = json.loads((tmp_path / "result.json").read_text())
+    assert res["full_bytes"] > 0
+    assert res["full_acc"] >= res["plain_acc"] - 0.02
+    assert _same_weights(tmp_path / "full.pt", tmp_path / "resumed.pt")
+    assert not _same_weights(tmp_path / "full.pt", tmp_path / "plain.pt")
+    _check_gathered(torch.load(tmp_path / "half" / "commlib_hook_state.pt", weights_only=True))
+    assert res["double_momentum"].startswith("double momentum")

@@ -13,7 +13,7 @@ Lightning and Accelerate: ``commlib.integrations``.
 """
 from commlib.ddp.checks import CommlibWarning, HookNotRunWarning  # noqa: F401
 from commlib.ddp.decentralized import MoNNAMixer  # noqa: F401
-from commlib.ddp.gather import GatheredState, gather_state, load_gathered_state  # noqa: F401
+from commlib.ddp.gather import gather_state, load_gathered_state  # noqa: F401
 from commlib.ddp.hooks import hook, sync_gradients  # noqa: F401
 from commlib.ddp.private import private_trainer  # noqa: F401
 from commlib.ddp.register import check_optimizer, register  # noqa: F401

@@ -76,18 +76,3 @@ def load_gathered_state(state: HookState, blob: Mapping[str, Any]) -> None:
         raise ConfigError(f"hook state was gathered from {len(ranks)} ranks, this run has {state.world_size}: "
                           "error-feedback state is per rank and cannot be resharded")
     state.load_state_dict(ranks[state.rank])
-
-
-class GatheredState:
-    """Adapter with ``state_dict()`` / ``load_state_dict()`` over :func:`gather_state` for
-    checkpoint APIs that save one object from rank 0 (Accelerate's ``register_for_checkpointing``).
-    ``state_dict()`` is a collective: the framework must call it on every rank."""
-
-    def __init__(self, state: HookState) -> None:
-        self.state = state
-
-    def state_dict(self) -> Dict[str, Any]:
-        return gather_state(self.state)
-
-    def load_state_dict(self, blob: Mapping[str, Any]) -> None:
-        load_gathered_state(self.state, blob)
