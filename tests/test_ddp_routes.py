@@ -97,12 +97,12 @@ def test_ef21_with_heavy_ball_momentum_at_high_sparsity_warns_naming_the_fix():
     with pytest.warns(CommlibWarning, match="feedback='ef'"):
         check_optimizer(bad, torch.optim.SGD(params, lr=0.1, momentum=0.9))
     with pytest.warns(CommlibWarning):
-        check_optimizer(commlib.Scheme("topk", ratio=0.01, feedback="econtrol"), torch.optim.Adam(params))
+        check_optimizer(commlib.Scheme("topk", ratio=0.005, feedback="econtrol"), torch.optim.Adam(params))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_optimizer(bad, torch.optim.SGD(params, lr=0.1))  # no momentum: fine
         check_optimizer(commlib.Scheme("dgc", ratio=0.001, feedback="ef"), torch.optim.SGD(params, lr=0.1, momentum=0.9))
-        check_optimizer(commlib.Scheme("topk", ratio=0.1, feedback="ef21"), torch.optim.SGD(params, lr=0.1, momentum=0.9))
+        check_optimizer(commlib.Scheme("topk", ratio=0.01, feedback="ef21"), torch.optim.SGD(params, lr=0.1, momentum=0.9))
 
 
 # -- gathered checkpoints and load checks -----------------------------------------------------

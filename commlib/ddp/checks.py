@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from commlib.ddp.state import HookState
 
 #: Below this density, EF21-style feedback plus optimizer heavy-ball momentum is known to diverge.
-EF21_MOMENTUM_MAX_RATIO = 0.05
+EF21_MOMENTUM_MAX_RATIO = 0.01
 
 FSDP_REFUSAL = (
     "FSDP is not supported: commlib's schemes keep error-feedback state per parameter and need each "
