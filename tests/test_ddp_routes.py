@@ -175,6 +175,19 @@ def _fsdp(rank, world, out):
             res[f"hook_{strategy.name}"] = "accepted"
         except Exception as exc:  # noqa: BLE001 - the test asserts the type below
             res[f"hook_{strategy.name}"] = f"{type(exc).__name__}: {exc}"
+    try:  # the Lightning callback, given a strategy whose model FSDP wrapped
+        from types import SimpleNamespace
+
+        from commlib.integrations.lightning import CommlibCallback
+
+        trainer = SimpleNamespace(strategy=SimpleNamespace(model=model), optimizers=[])
+        try:
+            CommlibCallback(commlib.Scheme("topk", ratio=0.1, feedback="ef")).on_fit_start(trainer, None)
+            res["lightning"] = "accepted"
+        except ConfigError as exc:
+            res["lightning"] = str(exc)
+    except ImportError:
+        pass
     _write(out, rank, res)
 
 

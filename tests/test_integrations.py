@@ -65,3 +65,11 @@ def test_accelerate_register_trains_saves_all_ranks_and_resumes_bit_identically(
     assert not _same_weights(tmp_path / "full.pt", tmp_path / "plain.pt")
     _check_gathered(torch.load(tmp_path / "half" / "commlib_hook_state.pt", weights_only=True))
     assert res["double_momentum"].startswith("double momentum")
+
+
+@pytest.mark.slow
+def test_torchrun_gathered_checkpoint_resumes_bit_identically(tmp_path):
+    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             str(ROOT / "tests" / "torchrun_resume_job.py"), str(tmp_path)], tmp_path)
+    assert _same_weights(tmp_path / "full.pt", tmp_path / "resumed.pt")
+    _check_gathered(torch.load(tmp_path / "half.pt", weights_only=True)["hook"])
