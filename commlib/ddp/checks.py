@@ -129,11 +129,11 @@ def _param_ids(optimizer: torch.optim.Optimizer) -> set:
 
 def _before_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
     for state in list(_states):
-        if optimizer in state._checked_optimizers or not state.param_ids:
-            continue
+        if optimizer in state._checked_optimizers or state.hook_runs == 0:
+            continue  # checked already, or the hook has not seen its parameters yet
         if state.param_ids & _param_ids(optimizer):
-            state._checked_optimizers.add(optimizer)
-            check_optimizer(state.scheme, optimizer)
+            check_optimizer(state.scheme, optimizer)  # raises again at every step if refused
+        state._checked_optimizers.add(optimizer)  # once per (state, optimizer): related or not
 
 
 def _after_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

@@ -31,7 +31,9 @@ def register(ddp_model: DistributedDataParallel, scheme: Union[Scheme, Mapping[s
 
     ``optimizer`` is required for schemes that apply momentum on the worker (DGC) and checked
     for double momentum. The returned state has ``stats`` (bytes, density per step) and
-    ``state_dict()`` / ``load_state_dict()`` for checkpoints (save one per rank).
+    ``state_dict()`` / ``load_state_dict()`` for checkpoints (save one per rank, or use
+    :func:`commlib.ddp.gather_state` / :func:`commlib.ddp.load_gathered_state`). A HookState
+    registered by hand gets the same optimizer checks at the optimizer's first step.
     """
     if not isinstance(ddp_model, DistributedDataParallel):
         raise ConfigError(f"register() needs a DistributedDataParallel model, got {type(ddp_model).__name__}"
