@@ -67,7 +67,8 @@ def main(out: str) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         state = commlib.ddp.HookState(scheme)
-        runs["strategy_recipe"], res["strategy_recipe_acc"], res["strategy_recipe_bytes"] = fit(1, None, comm_state=state)
+        recipe = fit(1, None, comm_state=state)
+        runs["strategy_recipe"], res["strategy_recipe_acc"], res["strategy_recipe_bytes"] = recipe
     res["strategy_recipe_warned"] = any(isinstance(w.message, commlib.ddp.HookNotRunWarning) for w in caught)
     try:  # DGC's momentum correction + the optimizer's momentum: refused on this route too
         fit(1, commlib.Scheme("dgc", ratio=0.01, feedback="dgc"), momentum=0.9)

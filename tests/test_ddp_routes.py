@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import warnings
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -101,8 +99,9 @@ def test_ef21_with_heavy_ball_momentum_at_high_sparsity_warns_naming_the_fix():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check_optimizer(bad, torch.optim.SGD(params, lr=0.1))  # no momentum: fine
-        check_optimizer(commlib.Scheme("dgc", ratio=0.001, feedback="ef"), torch.optim.SGD(params, lr=0.1, momentum=0.9))
-        check_optimizer(commlib.Scheme("topk", ratio=0.01, feedback="ef21"), torch.optim.SGD(params, lr=0.1, momentum=0.9))
+        sgdm = torch.optim.SGD(params, lr=0.1, momentum=0.9)
+        check_optimizer(commlib.Scheme("dgc", ratio=0.001, feedback="ef"), sgdm)
+        check_optimizer(commlib.Scheme("topk", ratio=0.01, feedback="ef21"), sgdm)
 
 
 # -- gathered checkpoints and load checks -----------------------------------------------------

@@ -12,14 +12,19 @@ own back on ``trainer.fit(ckpt_path=...)``.
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, Mapping, Optional, Union
 
 from torch.nn.parallel import DistributedDataParallel
 
 try:
     import lightning.pytorch as pl
-except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("commlib.integrations.lightning needs PyTorch Lightning: pip install 'commlib[lightning]'") from exc
+except ImportError:  # pragma: no cover - the standalone package of older installs
+    try:
+        import pytorch_lightning as pl
+    except ImportError as exc:
+        raise ImportError("commlib.integrations.lightning needs PyTorch Lightning: "
+                          "pip install 'commlib[lightning]'") from exc
 
 from commlib.ddp.checks import FSDP_REFUSAL, check_optimizer
 from commlib.ddp.gather import gather_state, load_gathered_state
@@ -44,7 +49,7 @@ class CommlibCallback(pl.Callback):
         self.scheme = scheme if isinstance(scheme, Scheme) else Scheme.from_config(scheme)
         self.blocking = blocking
         self.state: Optional[HookState] = None
-        self._hooked: Optional[int] = None  # id of the DDP wrapper that has the hook
+        self._hooked: Optional[weakref.ref] = None  # the DDP wrapper that has the hook
         self._pending: Optional[Mapping[str, Any]] = None
 
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -55,14 +60,16 @@ class CommlibCallback(pl.Callback):
             raise ConfigError(f"CommlibCallback needs strategy='ddp' (a DistributedDataParallel model); "
                               f"{type(trainer.strategy).__name__} gave a {type(model).__name__}")
         optimizers = list(trainer.optimizers)
-        for opt in optimizers:
-            check_optimizer(self.scheme, opt)
+        for opt in optimizers[1:]:
+            check_optimizer(self.scheme, opt)  # register() checks the first
         if self.state is None:
             self.state = register(model, self.scheme, optimizer=optimizers[0] if optimizers else None,
                                   blocking=self.blocking)
-        elif self._hooked != id(model):  # a later fit() wrapped the module again: keep the state
+        elif self._hooked is None or self._hooked() is not model:  # a later fit() wrapped the module: keep state
+            if optimizers:
+                check_optimizer(self.scheme, optimizers[0])
             model.register_comm_hook(self.state, hook)
-        self._hooked = id(model)
+        self._hooked = weakref.ref(model)
         for opt in optimizers:
             self.state._checked_optimizers.add(opt)
         if self._pending is not None:
