@@ -29,11 +29,13 @@ from commlib.aggregate.base import mean_divisor
 from commlib.compress.identity import FP16
 from commlib.errors import PayloadError
 from commlib.wire import Kind, Message, Payload
+from commlib.ddp.checks import check_hook_call
 from commlib.ddp.state import HookState
 
 
-def hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook running ``state.scheme`` on one gradient bucket."""
+def hook(state: HookState, bucket: dist.GradBucket, *unexpected) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook running ``state.scheme`` on one gradient bucket (DDP only: FSDP is refused)."""
+    check_hook_call(state, bucket, unexpected)
     return run_group(state, bucket.index(), bucket.buffer(), bucket.parameters(), bucket.is_last())
 
 
