@@ -16,11 +16,14 @@ Training always uses the fit split only (N = its size in the accountant).
 
 Methods (SGD without momentum, same initialisation per seed):
 * nonprivate SGD: Poisson batches, no clipping, no noise (for scale only).
-* DP-SGD: Poisson batches (q = 64/N), E epochs, clip C, σ from ``calibrate_sigma``.
-* EF-DPSGD: same q and steps, C₁ = C₂ = C (the smallest C₂ the paper allows) and the same σ;
-  its noise is √(1 + 2C₂/C₁) = √3 times DP-SGD's; its ε is the DP-SGD accountant's at σ, i.e.
-  the paper's privacy claim (see commlib/privacy/efdpsgd.py), marked "*".
-* DP-GD: full batches (q = 1), R rounds, clip C, σ from ``calibrate_sigma``.
+* DP-SGD: Poisson batches (q = 64/N), E epochs, clip C, σ from ``calibrate_stage_sigma``.
+* EF-DPSGD (DiceSGD on the reference code's summed scale): full batches, R rounds, C₁ and
+  C₂ = r·C₁, noise std σ·(C₁ + 2C₂) on the sum, σ from ``calibrate_stage_sigma`` at q = 1:
+  its error feedback carries samples into later steps, so subsampling buys nothing
+  (commlib/privacy/efdpsgd.py). Full batches are its best regime for that reason: Poisson
+  batches of 64 over 30 epochs would be ~540 unsampled releases at B = 64, each ~18× noisier
+  in the mean than a full-batch round. r is tuned (the option trading error feedback for noise).
+* DP-GD: full batches (q = 1), R rounds, clip C, σ from ``calibrate_stage_sigma``.
 * DIFF2 (Murata & Suzuki 2023, DIFF2-GD): full batches, R rounds, a restart every T rounds,
   C₁ for gradients and C₂ = ρ·η·C₁ for per-sample gradient differences (a difference is at
   most L·η·‖ṽ‖ for an L-smooth loss, so C₂ scales with the step η; ρ plays the role of L and
@@ -37,7 +40,8 @@ is then trained with the reported seeds (0, 1, 2) and its *test* utility is repo
 tuning itself is not accounted, for any method. The grid ranges were centred in a pilot on
 validation utility (ε = 3, seed 99, both tasks). DIFF2's eight configurations are a 2^(5−2)
 fractional factorial over (R, η·C₁·R, T, ρ, s) with C₁ fixed; DP-GD's a 2³ factorial over
-(R, C, η·C·R); DP-SGD's and EF-DPSGD's 2 clips × 4 steps.
+(R, C, η·C·R); EF-DPSGD's a 2^(4−1) fractional factorial over (R, C₁, η·C₁·R, r); DP-SGD's
+2 clips × 4 steps.
 
 Diagnostics (reported seed 0, DP-GD and DIFF2 at their selected configurations, and a
 DP-GD run at DIFF2's own R, C₁ and η): per round, the true full-batch gradient ∇f, the
@@ -54,8 +58,8 @@ accountant; ``check_fast_path`` verifies at start-up that it reproduces
 
     .venv/bin/python benchmarks/privacy.py [--quick]
 
-prints the tables and writes benchmarks/results/privacy.{json,md} (quick:
-privacy_quick.{json,md}).
+prints the tables and writes benchmarks/results/privacy.{json,md,png} (quick:
+privacy_quick.{json,md,png}).
 """
 from __future__ import annotations
 
@@ -79,10 +83,10 @@ from torch import nn
 
 from commlib.errors import ConfigError, NonFiniteError
 from commlib.privacy import (
-    DIFF2Worker, DPSGD, EFDPSGD, PoissonSampler, PrivacyStage, PrivateTrainer, clipped_sum, per_sample_grads,
-    unflatten,
+    DIFF2Worker, DPSGD, EFDPSGD, PoissonSampler, PrivacyPipeline, PrivacyStage, PrivateTrainer, clipped_sum,
+    per_sample_grads, unflatten,
 )
-from commlib.privacy.accounting import Accountant, calibrate_diff2, calibrate_sigma
+from commlib.privacy.accounting import Accountant, calibrate_diff2, calibrate_stage_sigma
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DELTA = 1e-5
@@ -102,6 +106,17 @@ def _two_levels(**levels: Tuple[float, float]) -> List[Config]:
             for a in (0, 1):
                 bits = (a, b, c, a ^ b ^ c, a ^ b)
                 rows.append({k: levels[k][i] for k, i in zip(names, bits)})
+    return rows
+
+
+def _half_fraction(**levels: Tuple[float, float]) -> List[Config]:
+    """2^(4-1) fractional factorial over four two-level factors a, b, c, d = abc (in that order)."""
+    names = list(levels)
+    rows = []
+    for c in (0, 1):
+        for b in (0, 1):
+            for a in (0, 1):
+                rows.append({k: levels[k][i] for k, i in zip(names, (a, b, c, a ^ b ^ c))})
     return rows
 
 
@@ -158,7 +173,7 @@ def digits_task(quick: bool) -> Task:
     grids = {
         "nonprivate SGD": _product(lr=(0.25, 0.5, 1.0, 2.0)),
         "DP-SGD": _product(clip=(0.1, 0.4), step=(0.1, 0.2, 0.4, 0.8)),
-        "EF-DPSGD": _product(clip=(0.1, 0.4), step=(0.025, 0.05, 0.1, 0.2)),
+        "EF-DPSGD": _half_fraction(rounds=(300, 1000), clip=(0.5, 2.0), time=(150, 300), ratio=(1.0, 3.0)),
         "DP-GD": _product(rounds=(300, 1000), clip=(0.5, 2.0), time=(150, 300)),
         "DIFF2": _two_levels(rounds=(1000, 3000), time=(150, 300), period=(5, 20), rho=(0.25, 1.0), split=(0.5, 2.0)),
     }
@@ -181,7 +196,7 @@ def regression_task(quick: bool) -> Task:
     grids = {
         "nonprivate SGD": _product(lr=(0.1, 0.2, 0.3, 0.4)),
         "DP-SGD": _product(clip=(0.1, 0.4), step=(0.025, 0.05, 0.1, 0.2)),
-        "EF-DPSGD": _product(clip=(0.3, 1.0), step=(0.0125, 0.025, 0.05, 0.1)),
+        "EF-DPSGD": _half_fraction(rounds=(300, 1000), clip=(0.1, 0.4), time=(10, 20), ratio=(1.0, 3.0)),
         "DP-GD": _product(rounds=(300, 1000), clip=(0.1, 0.4), time=(10, 20)),
         "DIFF2": _two_levels(rounds=(1000, 3000), time=(10, 20), period=(5, 20), rho=(0.25, 1.0), split=(0.5, 2.0)),
     }
@@ -271,20 +286,20 @@ class Probe:
 
 def train_full_batch(task: Task, stage: PrivacyStage, lr: float, rounds: int, seed: int,
                      accountant: Optional[Accountant] = None, probe: Optional[Probe] = None) -> nn.Module:
-    """Full-batch rounds: grads -> stage -> (server) -> x ← x − lr·direction (q = 1)."""
+    """Full-batch rounds through commlib's PrivacyPipeline: grads -> stage -> accountant -> server half
+    -> x ← x − lr·direction (q = 1)."""
     torch.manual_seed(seed)
     model = task.make_model()
     params = list(model.parameters())
-    server = stage.server()
+    pipe = PrivacyPipeline(stage, accountant=accountant, sample_rate=1.0, normalizer=float(task.n))
     x, y, n = task.x["fit"], task.y["fit"], task.n
     before: Optional[torch.Tensor] = None  # per-sample grads at the previous point (same samples: full batch)
     for _ in range(rounds):
         grads = mlp_per_sample_grads(model, x, y, task.kind)
         previous = before if stage.needs_previous else None
-        released = stage.step(grads, previous, normalizer=float(n))
-        if accountant is not None:
-            accountant.record(stage.last_noise_multiplier, 1.0)
-        direction = released if server is None else server.step(released)
+        # the closed-form grads at the current point; at the previous point, last round's (exact: full batch)
+        released = pipe.release(lambda at, g=grads, b=before: g if at is None else b, params)
+        direction = pipe.apply_server(released)
         if probe is not None:
             probe.observe(stage, grads, previous, released, direction, n)
         with torch.no_grad():
@@ -317,7 +332,8 @@ def check_fast_path(task: Task) -> None:
                           atol=1e-5, rtol=1e-4):
         raise RuntimeError(f"{task.name}: closed-form per-sample gradients differ from commlib's")
     stages: List[Callable[[], PrivacyStage]] = [lambda: DPSGD(1.0, 2.0, seed=7),
-                                                 lambda: DIFF2Worker(1.0, 0.1, 2.0, 3.0, 2, seed=7)]
+                                                 lambda: DIFF2Worker(1.0, 0.1, 2.0, 3.0, 2, seed=7),
+                                                 lambda: EFDPSGD(0.1, sigma=2.0, error_clip_ratio=2.0, seed=7)]
     for make in stages:
         fast = train_full_batch(task, make(), 0.1, 5, seed=3)
         torch.manual_seed(3)
@@ -334,8 +350,9 @@ def check_fast_path(task: Task) -> None:
 # ---------------------------------------------------------------- configurations -> runs
 
 @functools.lru_cache(maxsize=None)
-def _sigma(eps: float, q: float, steps: int, n: int) -> float:
-    return calibrate_sigma(eps, DELTA, q, steps, dataset_size=n)
+def _sigma(stage_cls: type, eps: float, q: float, steps: int, n: int) -> float:
+    """σ at the sampling the stage's releases get (q if Poisson-subsampled, else 1)."""
+    return calibrate_stage_sigma(stage_cls, eps, DELTA, q, steps, dataset_size=n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,15 +378,18 @@ def build(method: str, cfg: Config, task: Task, eps: Optional[float], round_scal
     if method == "nonprivate SGD":
         return Spec(lambda s: DPSGD(math.inf, 0.0, seed=s), cfg["lr"], steps, q, {"lr": cfg["lr"]})
     assert eps is not None
-    if method in ("DP-SGD", "EF-DPSGD"):
-        c, sigma = cfg["clip"], _sigma(eps, q, steps, n)
+    if method == "DP-SGD":
+        c, sigma = cfg["clip"], _sigma(DPSGD, eps, q, steps, n)
         params = {"clip": c, "lr": cfg["step"] / c, "sigma": sigma, "q": q, "steps": steps}
-        if method == "DP-SGD":
-            return Spec(lambda s: DPSGD(c, sigma, seed=s), cfg["step"] / c, steps, q, params)
-        return Spec(lambda s: EFDPSGD(c, c, sigma, seed=s), cfg["step"] / c, steps, q, params)
+        return Spec(lambda s: DPSGD(c, sigma, seed=s), cfg["step"] / c, steps, q, params)
     rounds = max(1, int(round(cfg["rounds"] * round_scale)))
+    if method == "EF-DPSGD":
+        c, ratio, sigma = cfg["clip"], cfg["ratio"], _sigma(EFDPSGD, eps, 1.0, rounds, n)
+        lr = cfg["time"] / (c * rounds)
+        return Spec(lambda s: EFDPSGD(c, sigma=sigma, error_clip_ratio=ratio, seed=s), lr, rounds, None,
+                    {"rounds": rounds, "clip": c, "ratio": ratio, "lr": lr, "sigma": sigma})
     if method == "DP-GD":
-        c, sigma = cfg["clip"], _sigma(eps, 1.0, rounds, n)
+        c, sigma = cfg["clip"], _sigma(DPSGD, eps, 1.0, rounds, n)
         lr = cfg["time"] / (c * rounds)
         return Spec(lambda s: DPSGD(c, sigma, seed=s), lr, rounds, None,
                     {"rounds": rounds, "clip": c, "lr": lr, "sigma": sigma})
@@ -452,12 +472,12 @@ def run_task(task: Task, eps_list: List[float], seeds: List[int], tune_seeds: Se
             res = report(task, method, eps, spec, seeds, period, want_probe=full_batch)
             rows.append({"task": task.name, "method": method, "eps_target": eps, "metric": task.metric_name,
                          "selected": grid[best], "params": spec.params, "grid": grid, "val_scores": scores,
-                         "note": "*" if method == "EF-DPSGD" else "", "seconds": time.perf_counter() - t0, **res})
+                         "note": "", "seconds": time.perf_counter() - t0, **res})
             if method == "DIFF2":  # DP-GD in DIFF2's own regime (same R, C₁, η), for the explanation
                 t0 = time.perf_counter()
                 p = spec.params
                 c, rounds, lr = p["clip1"], int(p["rounds"]), p["lr"]
-                sigma = _sigma(eps, 1.0, rounds, task.n)
+                sigma = _sigma(DPSGD, eps, 1.0, rounds, task.n)
                 matched = Spec(lambda s: DPSGD(c, sigma, seed=s), lr, rounds, None,
                                {"rounds": rounds, "clip": c, "lr": lr, "sigma": sigma})
                 res = report(task, MATCHED, eps, matched, seeds, None, want_probe=True)
@@ -470,7 +490,7 @@ def run_task(task: Task, eps_list: List[float], seeds: List[int], tune_seeds: Se
 # ---------------------------------------------------------------- output
 
 def _short(p: Dict[str, float]) -> str:
-    keys = ("rounds", "period", "clip", "clip1", "clip2", "lr", "split", "sigma", "sigma1", "sigma2")
+    keys = ("rounds", "period", "clip", "clip1", "clip2", "ratio", "lr", "split", "sigma", "sigma1", "sigma2")
     return " ".join(f"{k}={p[k]:.3g}" if isinstance(p[k], float) else f"{k}={p[k]}" for k in keys if k in p)
 
 
@@ -531,8 +551,8 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict) -> None:
         spent = "∞" if r["eps_spent"] is None else f"{r['eps_spent']:.3f}{r['note']}"
         lines.append(f"| {r['task']} | {eps_t} | {r['method']} | {spent} | {_fmt_util(r)} {r['metric']} | "
                      f"{_short(r['params'])} |")
-    lines += ["", "\\* EF-DPSGD's ε is the DP-SGD accountant's at the same σ (noise ×√(1+2C₂/C₁)); it rests on "
-              "the paper's privacy theorem, which commlib does not verify.",
+    lines += ["", "EF-DPSGD: noise σ·(C₁ + 2C₂) on the sum, accounted as unsampled (q = 1) Gaussian releases at σ "
+              "(its sensitivity given the public past; commlib/privacy/efdpsgd.py).",
               f"'{MATCHED}' is not tuned: DP-GD run with DIFF2's selected R, C₁ and η (for the explanation).", "",
               "## Full-batch diagnostics (seed 0)", "",
               "ṽ (the applied direction) = clean part (clipped mean of the last gradient release plus the clipped "
@@ -560,6 +580,37 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict) -> None:
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
             lines.append("")
     path.write_text("\n".join(lines) + "\n")
+
+
+def plot(path: Path, rows: List[Dict]) -> None:
+    """Test utility against target ε per method, one panel per task (non-private SGD as a line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task]
+        for method in [*PRIVATE, MATCHED]:
+            pts = sorted((r["eps_target"], r["utility_mean"], r["utility_std"]) for r in mine
+                         if r["method"] == method and not math.isnan(r["utility_mean"]))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=method, linestyle="--" if method == MATCHED else "-")
+        for r in mine:
+            if r["eps_target"] is None:
+                ax.axhline(r["utility_mean"], color="grey", linestyle=":", label="non-private SGD")
+        ax.set_xlabel("target ε (δ = 1e-5)")
+        ax.set_ylabel(f"test {mine[0]['metric']}")
+        ax.set_title(task)
+        if mine[0]["metric"] == "MSE":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _finite(obj: object) -> object:
@@ -592,8 +643,6 @@ def main() -> None:
         rows += run_task(task, eps_list, seeds, tune_seeds, args.quick, round_scale)
     total = time.perf_counter() - start
     print_table(rows)
-    print("* EF-DPSGD's ε is the DP-SGD accountant's at the same σ (noise ×√(1+2C₂/C₁)); it relies on the "
-          "paper's privacy theorem, which commlib does not verify.")
     print_diagnostics(rows)
     print(f"total {total:.1f} s")
     meta = {"benchmark": "privacy", "quick": args.quick, "delta": DELTA, "seeds": seeds, "tune_seeds": list(tune_seeds),
@@ -603,6 +652,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(_finite({**meta, "rows": rows}), indent=1))
     write_markdown(RESULTS / f"{stem}.md", rows, meta)
+    plot(RESULTS / f"{stem}.png", rows)
 
 
 if __name__ == "__main__":
