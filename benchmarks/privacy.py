@@ -10,8 +10,7 @@ Tasks (shipped or generated; no download):
   range); a 64-32-10 tanh MLP, cross-entropy; utility = accuracy (%).
 * regression: x ~ N(0, I₁₀), y = a fixed random 10-16-1 tanh teacher + N(0, 0.1²); 500 fit,
   5000 test, 1000 validation samples; a 10-32-1 tanh student, squared loss; utility = MSE
-  (var y ≈ 1.3). (ALGORITHMS.md §7 lists DIFF2's own experiments as tabular regression with
-  a one-hidden-layer MLP; their data set was not available to check.)
+  (var y ≈ 1.3); a stand-in for DIFF2's tabular-regression experiments with a one-hidden-layer MLP.
 Training always uses the fit split only (N = its size in the accountant).
 
 Methods (SGD without momentum, same initialisation per seed):

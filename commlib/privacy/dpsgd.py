@@ -3,8 +3,7 @@
     v = (1/B) Σᵢ clip(gᵢ, C) + N(0, σ² C² / B² · I)
 
 Noise convention: N(0, σ²C²) on the clipped *sum*, i.e. std σ·C/B on the mean
-(ALGORITHMS.md §7; Abadi et al. Alg. 1 adds N(0, σ²C²I) to Σᵢ clip(gᵢ) before dividing by
-the lot size). One sample changes the clipped sum by at most C (add/remove), so σ is the
+(Abadi et al. Alg. 1 adds N(0, σ²C²I) to Σᵢ clip(gᵢ) before dividing by the lot size). One sample changes the clipped sum by at most C (add/remove), so σ is the
 noise multiplier of a Gaussian mechanism with sensitivity 1 after scaling — exactly what
 ``accounting.dpsgd_event(σ, q, steps)`` composes. With full batches (q = 1) this is DP-GD.
 
