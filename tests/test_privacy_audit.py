@@ -115,3 +115,21 @@ def test_a_stage_without_a_guarantee_cannot_be_accounted():
         PrivacyPipeline(Unproven(1.0, 1.0, 1.0, seed=0), accountant=Accountant(1e-5))
     with pytest.raises(ConfigError, match="no proven per-release sensitivity"):
         calibrate_stage_sigma(Unproven, 2.0, 1e-5, 0.1, 100)
+
+
+def test_a_stage_without_audit_cases_cannot_be_registered():
+    from commlib.privacy.base import _StageRegistry
+
+    reg = _StageRegistry("privacy stage (test)")
+
+    class NoAudit(PrivacyStage):
+        @property
+        def private(self) -> bool:
+            return True
+
+        def _step(self, grads, previous, batch):
+            return grads.sum(0) / batch, Release("gradient", 1.0, 1.0 / batch, True)
+
+    with pytest.raises(ConfigError, match="audit_cases"):
+        reg.register("no-audit")(NoAudit)
+    assert "no-audit" not in reg

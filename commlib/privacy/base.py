@@ -46,7 +46,23 @@ from commlib.registry import Registry
 if TYPE_CHECKING:  # the audit module imports this one
     from commlib.privacy.audit import AuditCase
 
-PRIVACY_STAGES: "Registry[PrivacyStage]" = Registry("privacy stage")
+class _StageRegistry(Registry["PrivacyStage"]):
+    """The stage registry: a class is registered only if it declares how the sensitivity audit
+    builds it (``audit_cases``); tests/test_privacy_audit.py then audits every registered class."""
+
+    def register(self, *names: str):  # type: ignore[override]
+        inner = super().register(*names)
+
+        def deco(cls):
+            if getattr(cls.audit_cases, "__isabstractmethod__", True):
+                raise ConfigError(f"privacy stage {cls.__name__} declares no audit_cases(): it cannot be "
+                                  "registered before it can be audited")
+            return inner(cls)
+
+        return deco
+
+
+PRIVACY_STAGES: "Registry[PrivacyStage]" = _StageRegistry("privacy stage")
 
 
 def check_sigma(sigma: float, name: str = "sigma") -> float:
