@@ -455,9 +455,9 @@ def report(task: Task, method: str, eps: Optional[float], spec: Spec, seeds: Seq
 
 
 def run_task(task: Task, eps_list: List[float], seeds: List[int], tune_seeds: Sequence[int], quick: bool,
-             round_scale: float) -> List[Dict]:
+             round_scale: float, private: Sequence[str] = PRIVATE) -> List[Dict]:
     rows: List[Dict] = []
-    methods = ["nonprivate SGD", *PRIVATE]
+    methods = ["nonprivate SGD", *private]
     for eps in [None, *eps_list]:
         for method in methods:
             if (eps is None) != (method == "nonprivate SGD"):
@@ -552,7 +552,10 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict) -> None:
                      f"{_short(r['params'])} |")
     lines += ["", "EF-DPSGD: noise σ·(C₁ + 2C₂) on the sum, accounted as unsampled (q = 1) Gaussian releases at σ "
               "(its sensitivity given the public past; commlib/privacy/efdpsgd.py).",
-              f"'{MATCHED}' is not tuned: DP-GD run with DIFF2's selected R, C₁ and η (for the explanation).", "",
+              f"'{MATCHED}' is not tuned: DP-GD run with DIFF2's selected R, C₁ and η (for the explanation).",
+              *([f"† not re-run here (methods run: {', '.join(meta['methods_run'])}): taken from the earlier full run "
+                 f"({meta['reused_from']}); those mechanisms and their accounting did not change."]
+                if meta.get("reused_from") else []), "",
               "## Full-batch diagnostics (seed 0)", "",
               "ṽ (the applied direction) = clean part (clipped mean of the last gradient release plus the clipped "
               "mean differences since) + accumulated noise. ‖∇f‖: unclipped full-batch gradient (mean over rounds); "
@@ -612,6 +615,18 @@ def plot(path: Path, rows: List[Dict]) -> None:
     plt.close(fig)
 
 
+def _nan(obj: object) -> object:
+    """Inverse of ``_finite`` for rows read back from JSON: None -> NaN inside numbers' places."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, dict):
+        return {k: (v if k in ("eps_target", "eps_spent", "selected") or v is None and k == "diagnostics" else _nan(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan(v) for v in obj]
+    return obj
+
+
 def _finite(obj: object) -> object:
     """NaN (a diverged run) -> None, so the JSON file is standard JSON."""
     if isinstance(obj, float) and math.isnan(obj):
@@ -623,12 +638,29 @@ def _finite(obj: object) -> object:
     return obj
 
 
+def reuse_rows(path: Path, rows: List[Dict], eps_list: List[float]) -> List[Dict]:
+    """Add the rows of methods not re-run from an earlier results file (marked †), in table order."""
+    ran = {(r["task"], r["method"]) for r in rows}
+    old = [dict(r, note="†") for r in json.loads(path.read_text())["rows"]
+           if (r["task"], r["method"]) not in ran and r["eps_target"] in eps_list]
+    order = ["nonprivate SGD", *PRIVATE, MATCHED]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    merged = rows + [r for r in old if r["task"] in tasks]
+    merged = [_nan(r) for r in merged]
+    return sorted(merged, key=lambda r: (tasks.index(r["task"]), -1 if r["eps_target"] is None else r["eps_target"],
+                                         order.index(r["method"])))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="ε = 3, 2 configs per grid, 1 tuning and 1 reported seed, 1/4 of the rounds (< 2 min)")
     ap.add_argument("--seeds", type=int, default=None, help="number of reported seeds (default 3, quick 1)")
     ap.add_argument("--eps", type=float, nargs="+", default=None, help="target ε values (default 2 3 5, quick 3)")
+    ap.add_argument("--methods", nargs="+", default=list(PRIVATE), choices=PRIVATE,
+                    help="private methods to run (default all; DIFF2 also runs DP-GD at its settings)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier results JSON whose rows fill in the methods not run (marked †)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on skipped RDP orders
@@ -640,12 +672,15 @@ def main() -> None:
     rows: List[Dict] = []
     for task in (digits_task(args.quick), regression_task(args.quick)):
         check_fast_path(task)
-        rows += run_task(task, eps_list, seeds, tune_seeds, args.quick, round_scale)
+        rows += run_task(task, eps_list, seeds, tune_seeds, args.quick, round_scale, args.methods)
+    if args.reuse is not None:
+        rows = reuse_rows(args.reuse, rows, eps_list)
     total = time.perf_counter() - start
     print_table(rows)
     print_diagnostics(rows)
     print(f"total {total:.1f} s")
-    meta = {"benchmark": "privacy", "quick": args.quick, "eps": eps_list, "delta": DELTA, "seeds": seeds, "tune_seeds": list(tune_seeds),
+    meta = {"benchmark": "privacy", "quick": args.quick, "eps": eps_list, "methods_run": args.methods,
+            "reused_from": None if args.reuse is None else args.reuse.name, "delta": DELTA, "seeds": seeds, "tune_seeds": list(tune_seeds),
             "seconds": total, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine()}
     stem = "privacy_quick" if args.quick else "privacy"
