@@ -20,8 +20,8 @@ Methods (SGD without momentum, same initialisation per seed):
   C₂ = r·C₁, noise std σ·(C₁ + 2C₂) on the sum, σ from ``calibrate_stage_sigma`` at q = 1:
   its error feedback carries samples into later steps, so subsampling buys nothing
   (commlib/privacy/efdpsgd.py). Full batches are its best regime for that reason: Poisson
-  batches of 64 over 30 epochs would be ~540 unsampled releases at B = 64, each ~18× noisier
-  in the mean than a full-batch round. r is tuned (the option trading error feedback for noise).
+  batches of 64 over 30 epochs would be ~540 unsampled releases at B = 64, each with 13–24×
+  the noise (in the mean) of a full-batch round at R = 1000–300 (ε = 3). r is tuned (the option trading error feedback for noise).
 * DP-GD: full batches (q = 1), R rounds, clip C, σ from ``calibrate_stage_sigma``.
 * DIFF2 (Murata & Suzuki 2023, DIFF2-GD): full batches, R rounds, a restart every T rounds,
   C₁ for gradients and C₂ = ρ·η·C₁ for per-sample gradient differences (a difference is at
