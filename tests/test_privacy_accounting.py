@@ -162,3 +162,16 @@ def test_accountant_records_each_release_as_its_stage_declares_it():
         release_event(Release("gradient", 1.0, math.inf, True))
     with pytest.raises(ConfigError, match="no release"):
         Accountant(1e-5).record_release(None)
+
+
+def test_subsampled_accounting_refuses_the_realised_batch_size():
+    """Poisson batches: the realised size is data-dependent, so it cannot be the normaliser."""
+    from commlib.errors import ConfigError
+    from commlib.privacy import DPSGD
+    from commlib.privacy.accounting import Accountant
+    from commlib.privacy.pipeline import PrivacyPipeline
+
+    with pytest.raises(ConfigError, match="public normaliser"):
+        PrivacyPipeline(DPSGD(clip=1.0, sigma=1.0, seed=0), accountant=Accountant(1e-5), sample_rate=0.1)
+    PrivacyPipeline(DPSGD(clip=1.0, sigma=1.0, seed=0), accountant=Accountant(1e-5), sample_rate=0.1,
+                    normalizer=10.0)  # q·N given: fine

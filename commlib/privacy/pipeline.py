@@ -60,6 +60,7 @@ class PrivacyPipeline:
             raise ConfigError(f"sample_rate must be in (0, 1], got {sample_rate}")
         self.stage, self.accountant = stage, accountant
         self.sample_rate, self.normalizer = float(sample_rate), normalizer
+        self._check_normalizer()
         self.server: Optional[ServerHalf] = stage.make_server() if server is _NO_SERVER else server
         #: the point of the last release (DIFF2's x_{r−2}); kept only for stages that use it
         self.previous_point: Optional[List[torch.Tensor]] = None
@@ -69,6 +70,7 @@ class PrivacyPipeline:
 
         ``point`` is the current parameter values (remembered when the stage uses the previous point).
         """
+        self._check_normalizer()
         grads = grads_at(None)
         previous = None
         if self.stage.needs_previous:
@@ -82,6 +84,13 @@ class PrivacyPipeline:
         if self.stage.uses_previous_point:
             self.previous_point = [p.detach().clone() for p in point]
         return released
+
+    def _check_normalizer(self) -> None:
+        """Under Poisson sampling the realised batch size depends on the data (add/remove changes
+        it by one), so dividing by it is not covered by the noise's sensitivity: refuse it."""
+        if self.accountant is not None and self.sample_rate < 1.0 and self.normalizer is None:
+            raise ConfigError("accounting a subsampled release needs a public normaliser: pass "
+                              "expected_batch_size (q·N) / normalizer instead of the realised batch size")
 
     def apply_server(self, aggregate: torch.Tensor) -> torch.Tensor:
         """The server half on the aggregate of all workers' releases (identity without one)."""

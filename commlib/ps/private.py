@@ -195,6 +195,7 @@ class PrivateTask(Task):
         params = [p for p in model.parameters() if p.requires_grad]
         pipe = self._pipeline_for(worker)
         pipe.sample_rate = self.sample_rate(n_workers)
+        pipe.normalizer = float(len(b))  # fixed-size batches: the size is public
         # clipped + noised and accounted: all that leaves the worker
         v = pipe.release(model_grads_at(model, F.cross_entropy, x, y, params), params)
         with torch.no_grad():
