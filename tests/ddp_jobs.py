@@ -67,8 +67,8 @@ def train(rank, world, scheme, steps, *, bucket_cap_mb=25.0, lr=0.05, momentum=0
 
         orig = H.Message.encode_into
 
-        def bad(self, buf):
-            end = orig(self, buf)
+        def bad(self, buf, *args, **kwargs):
+            end = orig(self, buf, *args, **kwargs)
             buf[:4] = 0  # destroy the magic
             return end
 
