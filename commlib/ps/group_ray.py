@@ -176,11 +176,20 @@ class _GroupActor:
         return json.dumps({"reports": {str(w): r for w, r in reports.items()},
                            "crashes": {str(w): c for w, c in self.group.crashes.items()},
                            "passes": self.group.passes, "bundles_sent": self.link.bundles_sent,
-                           "pid": os.getpid(), "run_s": time.monotonic() - t0})
+                           "pid": os.getpid(), "run_s": time.monotonic() - t0, "peak_rss_mb": peak_rss_mb()})
 
     def stop(self, grace_s: float) -> bool:
         self.group.stop(grace_s)
         return True
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (Linux reports KiB, macOS bytes)."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1 << 20 if sys.platform == "darwin" else 1 << 10), 1)
 
 
 def cluster_cpus() -> int:
@@ -247,8 +256,16 @@ class GroupRayJob:
         actors = [ray.remote(_GroupActor).options(**opts).remote(self.n + 1, mailbox, self._spec(b)) for b in blocks]
         peers = {w + 1: actors[g] for g, b in enumerate(blocks) for w in b}
         transport = BundleRayTransport(0, self.n + 1, peers, mailbox, max_message_bytes=self.max_message_bytes)
+        first_step: List[float] = []
+
+        def on_step(rec: Dict[str, Any]) -> None:
+            if not first_step:
+                first_step.append(time.monotonic())
+            if self.on_step is not None:
+                self.on_step(rec)
+
         server = ParameterServer(transport, Scheme.from_config(self.scheme_cfg), build_task(self.task_spec),
-                                 self.config, on_step=self.on_step)
+                                 self.config, on_step=on_step)
         refs = {actor.run.remote(): g for g, actor in enumerate(actors)}
         reports: Dict[int, List[Dict[str, Any]]] = {w: [] for w in range(self.n)}
         crashes: Dict[int, int] = {w: 0 for w in range(self.n)}
@@ -287,6 +304,9 @@ class GroupRayJob:
         result["groups"] = sorted(groups, key=lambda g: g["group"])
         result["model_state"] = server.model.state_dict()
         self.timings["total_s"] = time.monotonic() - t0
+        if first_step:  # from the call to the first applied step: Ray, actors, workers, HELLOs, round 0
+            self.timings["to_first_step_s"] = first_step[0] - t0
+        self.timings["driver_peak_rss_mb"] = peak_rss_mb()
         result["timings"] = dict(self.timings)
         result["bundles"] = {"sent": transport.bundles_sent, "received": transport.bundles_received}
         return result
