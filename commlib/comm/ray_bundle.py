@@ -157,7 +157,8 @@ class BundleRayTransport(Transport):
             except Exception:  # RayActorError and friends: the actor and all its ranks are gone
                 refused = [r for r in ranks if self._peers.get(r) is handle]
             for r in refused:
-                self.mark_dead(r)
+                if r in ranks:  # an actor speaks only for the ranks it was sent to
+                    self.mark_dead(r)
 
     def _recv(self, timeout: Optional[float]) -> Optional[Received]:
         self.flush_sends(0.0)

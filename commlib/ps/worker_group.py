@@ -296,6 +296,7 @@ class WorkerGroup:
         return out
 
     def _crash(self, slot: _Slot) -> None:
+        slot.worker.transport.close()  # what it still held back (network delay) dies with it
         rep = slot.worker.report()
         rep["status"] = "crashed"
         self.reports[slot.w].append(rep)
