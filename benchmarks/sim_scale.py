@@ -11,7 +11,8 @@ Runs (each its own ``commlib simulate`` process, timed from outside):
 The profile (``--profile``) times the pieces one process pays for, in-process: building one
 logical worker (model, scheme state), one worker step (validate PARAMS, load, gradient,
 encode, frame), the server's validation of one push, trimmed mean over an (n, d) stack, and,
-on a local Ray, one actor call per frame against one bundled call for n frames.
+on a local Ray, one actor call per frame against one bundled call for n frames; and the same
+in-process run of n workers with a thread per worker against 2 groups of virtual workers.
 
     .venv/bin/python benchmarks/sim_scale.py                    # 256 and 1000, then the profile
     .venv/bin/python benchmarks/sim_scale.py --quick            # 64 workers, small profile
@@ -154,8 +155,29 @@ def profile(ns: List[int], quick: bool, with_ray: bool) -> List[Dict[str, Any]]:
         agg = AGGREGATORS.build("trimmed-mean", f=16)
         rows.append({"piece": "server: trimmed mean (f=16) over (n, d)", "n": n, "d": d,
                      "seconds": _timeit(lambda: agg(stack), 3 if quick else 5)})
+    rows += threads_vs_groups(ns[0], 6 if quick else 10)
     if with_ray:
         rows += _profile_ray(ns, push)
+    return rows
+
+
+def threads_vs_groups(n: int, steps: int) -> List[Dict[str, Any]]:
+    """The same in-process run with a thread per worker (``InprocJob``) and with 2 groups of
+    virtual workers (``GroupInprocJob``): seconds per step after the first."""
+    from commlib.ps import GroupInprocJob, InprocJob, PSConfig
+
+    task = {"name": "classification", "dataset": "digits", "width": 64, "batch": 32, "seed": 0}
+    cfg = PSConfig(steps=steps, step_timeout=60.0, worker_timeout=120.0, optimizer={"name": "sgd", "lr": 0.1})
+    scheme = {"aggregator": "trimmed-mean", "aggregator_options": {"f": 16}}
+    rows = []
+    for label, make in (("thread per worker", lambda: InprocJob(task, scheme, cfg, n)),
+                        ("2 groups of virtual workers", lambda: GroupInprocJob(task, scheme, cfg, n, groups=2))):
+        t0 = time.perf_counter()
+        res = make().run()
+        hist = res["history"]
+        rows.append({"piece": f"in-process run, {label}: s per step", "n": n, "d": "-",
+                     "seconds": (hist[-1]["time"] - hist[0]["time"]) / (len(hist) - 1),
+                     "total_s": round(time.perf_counter() - t0, 1)})
     return rows
 
 

@@ -177,6 +177,8 @@ def test_64_virtual_workers_on_local_ray_with_faults(local_ray):
     assert [r["status"] for r in reps[9]] == ["crashed"] and res["workers"][9]["applied"] == 2
     others = [w for w in range(64) if w not in (5, 9)]
     assert all([r["status"] for r in reps[w]] == ["shutdown"] for w in others)
+    # the server checked every frame against its sender rank: only the garbled one failed
+    assert res["totals"]["rejected"] == 1 and res["unknown_frames"] == 0
     assert res["workers"][33]["rejected"] == 1 and res["workers"][5]["rejoins"] >= 1
     assert len({reps[w][-1]["session"] for w in range(64)}) == 64
     assert res["totals"]["applied"] >= 15 * 56
