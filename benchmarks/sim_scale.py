@@ -150,6 +150,14 @@ def profile(ns: List[int], quick: bool, with_ray: bool) -> List[Dict[str, Any]]:
 
     rows.append({"piece": "server: validate one PUSH (header, CRC, payload checks)", "n": 1, "d": d,
                  "seconds": _timeit(server_check, reps)})
+    from commlib.sim.hooks import FaultHooks
+
+    for n in ns:  # an omniscient ALIE attack with 8 attackers: n - 8 honest gradients, once per step
+        attacker = VirtualPSWorker(InprocHub(n + 1).endpoint(n), Scheme(), task, PSConfig())
+        hooks = FaultHooks(worker=n - 1, attack="alie", byzantine_ids=list(range(n - 8, n)))
+        steps = iter(range(10 ** 6))  # a new step each time: no shared rows to reuse
+        rows.append({"piece": "attack rows: ALIE from the n - 8 honest gradients", "n": n, "d": d,
+                     "seconds": _timeit(lambda: hooks.byzantine(attacker, next(steps), None), 2 if quick else 3)})
     for n in ns:
         stack = torch.randn(n, d)
         agg = AGGREGATORS.build("trimmed-mean", f=16)
