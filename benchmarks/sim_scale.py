@@ -253,7 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             r["ms"] = round(r["seconds"] * 1e3, 3)
         print()
         print(_table(prof, ["piece", "n", "d", "ms"]))
-    out = Path(args.out) if args.out else HERE / "results" / ("sim_scale_quick.json" if args.quick else "sim_scale.json")
+    name = "sim_scale_quick.json" if args.quick else "sim_scale.json"
+    out = Path(args.out) if args.out else HERE / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     out.write_text(json.dumps({"runs": rows, "profile": prof, "cpus": os.cpu_count(), "loadavg": load,

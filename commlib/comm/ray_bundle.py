@@ -23,7 +23,7 @@ import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, Received, Transport
-from commlib.comm.bundle import Bundled, pack_bundle, pack_ranks, unpack_bundle, unpack_ranks
+from commlib.comm.bundle import Bundled, pack_bundle, unpack_bundle, unpack_ranks
 from commlib.comm.ray_transport import LocalInbox, _ray
 from commlib.errors import ConfigError, PayloadError
 
