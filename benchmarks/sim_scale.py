@@ -8,6 +8,10 @@ Runs (each its own ``commlib simulate`` process, timed from outside):
 * ``1000``: the same faults with 1,000 workers (quorum 980), 20 steps.
 * ``64``: a quick check (``--quick``): 64 workers, 2 attackers, 1 crash, 10 steps.
 
+The sweep (``--sweep``) runs 16, 64, 256 and 1,000 workers without faults on one Ray session:
+round time, pushes applied per second and MB/s applied, mean and trimmed mean (f = n/16),
+plotted to ``benchmarks/results/sim_scale_sweep.png``.
+
 The profile (``--profile``) times the pieces one process pays for, in-process: building one
 logical worker (model, scheme state), one worker step (validate PARAMS, load, gradient,
 encode, frame), the server's validation of one push, trimmed mean over an (n, d) stack, and,
@@ -17,6 +21,7 @@ in-process run of n workers with a thread per worker against 2 groups of virtual
     .venv/bin/python benchmarks/sim_scale.py                    # 256 and 1000, then the profile
     .venv/bin/python benchmarks/sim_scale.py --quick            # 64 workers, small profile
     .venv/bin/python benchmarks/sim_scale.py --runs 256 --address auto   # on a Ray cluster
+    .venv/bin/python benchmarks/sim_scale.py --runs --no-profile --sweep  # round time vs workers, plot
 
 Prints a table per part and writes ``benchmarks/results/sim_scale.json`` (``sim_scale_quick.json``).
 """
@@ -216,6 +221,62 @@ def _profile_ray(ns: List[int], push: bytes) -> List[Dict[str, Any]]:
     return rows
 
 
+def sweep(ns: List[int], steps: int, args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Round time and the server's applied throughput against the number of virtual workers,
+    with no faults, on one Ray session (``run_ray_groups``): mean, and trimmed mean f = n/16."""
+    from commlib.comm.ray_transport import ray_start
+    from commlib.ps import PSConfig
+    from commlib.ps.group_ray import run_ray_groups
+
+    task = {"name": "classification", "dataset": "digits", "width": 64, "batch": 32, "seed": 0}
+    env = {"env_vars": {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}}
+    ray_start(args.address, args.num_cpus, runtime_env=env)
+    rows = []
+    for agg in ("mean", "trimmed-mean"):
+        for n in ns:
+            scheme = {"aggregator": agg}
+            if agg != "mean":
+                scheme["aggregator_options"] = {"f": max(1, n // 16)}
+            cfg = PSConfig(steps=steps, step_timeout=120.0, worker_timeout=240.0, optimizer={"name": "sgd", "lr": 0.1})
+            res = run_ray_groups(task, scheme, cfg, n, processes=args.processes, address=args.address)
+            hist = res["history"]
+            span = hist[-1]["time"] - hist[0]["time"]
+            pushes = sum(h["workers"] for h in hist[1:])
+            push_bytes = res["transport"]["bytes_received"] / max(1, res["transport"]["messages_received"])
+            rows.append({"aggregator": agg, "workers": n, "status": res["status"],
+                         "round_s": round(span / (len(hist) - 1), 4),
+                         "pushes_per_s": round(pushes / span, 1),
+                         "mb_per_s": round(pushes * push_bytes / span / 1e6, 1),
+                         "to_first_step_s": round(res["timings"].get("to_first_step_s", float("nan")), 1),
+                         "processes": len(res["groups"])})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def plot_sweep(rows: List[Dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for agg in sorted({r["aggregator"] for r in rows}):
+        rs = [r for r in rows if r["aggregator"] == agg]
+        axes[0].plot([r["workers"] for r in rs], [r["round_s"] for r in rs], "o-", label=agg)
+        axes[1].plot([r["workers"] for r in rs], [r["pushes_per_s"] for r in rs], "o-", label=agg)
+    for ax, ylabel in ((axes[0], "round time (s)"), (axes[1], "pushes applied per second")):
+        ax.set_xscale("log")
+        ax.set_xlabel("virtual workers")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("commlib simulate: virtual workers on a local Ray (2 processes), no faults", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _table(rows: List[Dict[str, Any]], cols: List[str]) -> str:
     cells = [[str(r.get(c, "-")) for c in cols] for r in rows]
     widths = [max(len(c), *(len(x[i]) for x in cells)) if cells else len(c) for i, c in enumerate(cols)]
@@ -229,6 +290,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="the 64-worker run and a small profile")
     p.add_argument("--runs", nargs="*", default=None, choices=sorted(RUNS), help="default: 256 1000")
     p.add_argument("--no-profile", action="store_true")
+    p.add_argument("--sweep", nargs="*", type=int, default=None, metavar="N",
+                   help="round time and throughput for these worker counts (default with no N: 16 64 256 1000)")
+    p.add_argument("--sweep-steps", type=int, default=10)
     p.add_argument("--no-ray-profile", action="store_true", help="skip the Ray call-overhead part of the profile")
     p.add_argument("--backend", default="ray", choices=("ray", "inproc"))
     p.add_argument("--processes", type=int, default=None)
@@ -246,6 +310,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     for r in rows:
         if "error" in r:
             print(f"run {r['run']} failed (rc {r['rc']}):\n{r['error']}")
+    swept: List[Dict[str, Any]] = []
+    if args.sweep is not None:
+        swept = sweep(args.sweep or [16, 64, 256, 1000], args.sweep_steps, args)
+        print()
+        print(_table(swept, ["aggregator", "workers", "status", "processes", "round_s", "pushes_per_s", "mb_per_s",
+                             "to_first_step_s"]))
+        print(f"wrote {plot_sweep(swept, HERE / 'results' / 'sim_scale_sweep.png')}")
     prof: List[Dict[str, Any]] = []
     if not args.no_profile:
         prof = profile([64, 256] if args.quick else [256, 1000], args.quick, with_ray=not args.no_ray_profile)
@@ -257,10 +328,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out) if args.out else HERE / "results" / name
     out.parent.mkdir(parents=True, exist_ok=True)
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    out.write_text(json.dumps({"runs": rows, "profile": prof, "cpus": os.cpu_count(), "loadavg": load,
+    out.write_text(json.dumps({"runs": rows, "sweep": swept, "profile": prof, "cpus": os.cpu_count(), "loadavg": load,
                                "when": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
     print(f"wrote {out}")
-    return 0 if all(r.get("status") == "done" for r in rows) else 1
+    return 0 if all(r.get("status") == "done" for r in rows + swept) else 1
 
 
 if __name__ == "__main__":
