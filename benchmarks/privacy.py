@@ -10,17 +10,19 @@ Tasks (shipped or generated; no download):
   range); a 64-32-10 tanh MLP, cross-entropy; utility = accuracy (%).
 * regression: x ~ N(0, I₁₀), y = a fixed random 10-16-1 tanh teacher + N(0, 0.1²); 500 fit,
   5000 test, 1000 validation samples; a 10-32-1 tanh student, squared loss; utility = MSE
-  (var y ≈ 1.3). (ALGORITHMS.md §7 lists DIFF2's own experiments as tabular regression with
-  a one-hidden-layer MLP; their data set was not available to check.)
+  (var y ≈ 1.3); a stand-in for DIFF2's tabular-regression experiments with a one-hidden-layer MLP.
 Training always uses the fit split only (N = its size in the accountant).
 
 Methods (SGD without momentum, same initialisation per seed):
 * nonprivate SGD: Poisson batches, no clipping, no noise (for scale only).
-* DP-SGD: Poisson batches (q = 64/N), E epochs, clip C, σ from ``calibrate_sigma``.
-* EF-DPSGD: same q and steps, C₁ = C₂ = C (the smallest C₂ the paper allows) and the same σ;
-  its noise is √(1 + 2C₂/C₁) = √3 times DP-SGD's; its ε is the DP-SGD accountant's at σ, i.e.
-  the paper's privacy claim (see commlib/privacy/efdpsgd.py), marked "*".
-* DP-GD: full batches (q = 1), R rounds, clip C, σ from ``calibrate_sigma``.
+* DP-SGD: Poisson batches (q = 64/N), E epochs, clip C, σ from ``calibrate_stage_sigma``.
+* EF-DPSGD (DiceSGD on the reference code's summed scale): full batches, R rounds, C₁ and
+  C₂ = r·C₁, noise std σ·(C₁ + 2C₂) on the sum, σ from ``calibrate_stage_sigma`` at q = 1:
+  its error feedback carries samples into later steps, so subsampling buys nothing
+  (commlib/privacy/efdpsgd.py). Full batches are its best regime for that reason: Poisson
+  batches of 64 over 30 epochs would be ~540 unsampled releases at B = 64, each with 13–24×
+  the noise (in the mean) of a full-batch round at R = 1000–300 (ε = 3). r is tuned (the option trading error feedback for noise).
+* DP-GD: full batches (q = 1), R rounds, clip C, σ from ``calibrate_stage_sigma``.
 * DIFF2 (Murata & Suzuki 2023, DIFF2-GD): full batches, R rounds, a restart every T rounds,
   C₁ for gradients and C₂ = ρ·η·C₁ for per-sample gradient differences (a difference is at
   most L·η·‖ṽ‖ for an L-smooth loss, so C₂ scales with the step η; ρ plays the role of L and
@@ -37,7 +39,8 @@ is then trained with the reported seeds (0, 1, 2) and its *test* utility is repo
 tuning itself is not accounted, for any method. The grid ranges were centred in a pilot on
 validation utility (ε = 3, seed 99, both tasks). DIFF2's eight configurations are a 2^(5−2)
 fractional factorial over (R, η·C₁·R, T, ρ, s) with C₁ fixed; DP-GD's a 2³ factorial over
-(R, C, η·C·R); DP-SGD's and EF-DPSGD's 2 clips × 4 steps.
+(R, C, η·C·R); EF-DPSGD's a 2^(4−1) fractional factorial over (R, C₁, η·C₁·R, r); DP-SGD's
+2 clips × 4 steps.
 
 Diagnostics (reported seed 0, DP-GD and DIFF2 at their selected configurations, and a
 DP-GD run at DIFF2's own R, C₁ and η): per round, the true full-batch gradient ∇f, the
@@ -52,10 +55,10 @@ previous point, which is exact for full batches) around commlib's stages, server
 accountant; ``check_fast_path`` verifies at start-up that it reproduces
 ``commlib.privacy.per_sample_grads`` and ``PrivateTrainer`` (same parameters after 5 rounds).
 
-    .venv/bin/python benchmarks/privacy.py [--quick]
+    .venv/bin/python benchmarks/privacy.py [--quick] [--eps 2 3 5] [--seeds N]
 
-prints the tables and writes benchmarks/results/privacy.{json,md} (quick:
-privacy_quick.{json,md}).
+prints the tables and writes benchmarks/results/privacy.{json,md,png} (quick:
+privacy_quick.{json,md,png}).
 """
 from __future__ import annotations
 
@@ -79,10 +82,10 @@ from torch import nn
 
 from commlib.errors import ConfigError, NonFiniteError
 from commlib.privacy import (
-    DIFF2Worker, DPSGD, EFDPSGD, PoissonSampler, PrivacyStage, PrivateTrainer, clipped_sum, per_sample_grads,
-    unflatten,
+    DIFF2Worker, DPSGD, EFDPSGD, PoissonSampler, PrivacyPipeline, PrivacyStage, PrivateTrainer, clipped_sum,
+    per_sample_grads, unflatten,
 )
-from commlib.privacy.accounting import Accountant, calibrate_diff2, calibrate_sigma
+from commlib.privacy.accounting import Accountant, calibrate_diff2, calibrate_stage_sigma
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DELTA = 1e-5
@@ -102,6 +105,17 @@ def _two_levels(**levels: Tuple[float, float]) -> List[Config]:
             for a in (0, 1):
                 bits = (a, b, c, a ^ b ^ c, a ^ b)
                 rows.append({k: levels[k][i] for k, i in zip(names, bits)})
+    return rows
+
+
+def _half_fraction(**levels: Tuple[float, float]) -> List[Config]:
+    """2^(4-1) fractional factorial over four two-level factors a, b, c, d = abc (in that order)."""
+    names = list(levels)
+    rows = []
+    for c in (0, 1):
+        for b in (0, 1):
+            for a in (0, 1):
+                rows.append({k: levels[k][i] for k, i in zip(names, (a, b, c, a ^ b ^ c))})
     return rows
 
 
@@ -158,7 +172,7 @@ def digits_task(quick: bool) -> Task:
     grids = {
         "nonprivate SGD": _product(lr=(0.25, 0.5, 1.0, 2.0)),
         "DP-SGD": _product(clip=(0.1, 0.4), step=(0.1, 0.2, 0.4, 0.8)),
-        "EF-DPSGD": _product(clip=(0.1, 0.4), step=(0.025, 0.05, 0.1, 0.2)),
+        "EF-DPSGD": _half_fraction(rounds=(300, 1000), clip=(0.5, 2.0), time=(150, 300), ratio=(1.0, 3.0)),
         "DP-GD": _product(rounds=(300, 1000), clip=(0.5, 2.0), time=(150, 300)),
         "DIFF2": _two_levels(rounds=(1000, 3000), time=(150, 300), period=(5, 20), rho=(0.25, 1.0), split=(0.5, 2.0)),
     }
@@ -181,7 +195,7 @@ def regression_task(quick: bool) -> Task:
     grids = {
         "nonprivate SGD": _product(lr=(0.1, 0.2, 0.3, 0.4)),
         "DP-SGD": _product(clip=(0.1, 0.4), step=(0.025, 0.05, 0.1, 0.2)),
-        "EF-DPSGD": _product(clip=(0.3, 1.0), step=(0.0125, 0.025, 0.05, 0.1)),
+        "EF-DPSGD": _half_fraction(rounds=(300, 1000), clip=(0.1, 0.4), time=(10, 20), ratio=(1.0, 3.0)),
         "DP-GD": _product(rounds=(300, 1000), clip=(0.1, 0.4), time=(10, 20)),
         "DIFF2": _two_levels(rounds=(1000, 3000), time=(10, 20), period=(5, 20), rho=(0.25, 1.0), split=(0.5, 2.0)),
     }
@@ -271,20 +285,20 @@ class Probe:
 
 def train_full_batch(task: Task, stage: PrivacyStage, lr: float, rounds: int, seed: int,
                      accountant: Optional[Accountant] = None, probe: Optional[Probe] = None) -> nn.Module:
-    """Full-batch rounds: grads -> stage -> (server) -> x ← x − lr·direction (q = 1)."""
+    """Full-batch rounds through commlib's PrivacyPipeline: grads -> stage -> accountant -> server half
+    -> x ← x − lr·direction (q = 1)."""
     torch.manual_seed(seed)
     model = task.make_model()
     params = list(model.parameters())
-    server = stage.server()
+    pipe = PrivacyPipeline(stage, accountant=accountant, sample_rate=1.0, normalizer=float(task.n))
     x, y, n = task.x["fit"], task.y["fit"], task.n
     before: Optional[torch.Tensor] = None  # per-sample grads at the previous point (same samples: full batch)
     for _ in range(rounds):
         grads = mlp_per_sample_grads(model, x, y, task.kind)
         previous = before if stage.needs_previous else None
-        released = stage.step(grads, previous, normalizer=float(n))
-        if accountant is not None:
-            accountant.record(stage.last_noise_multiplier, 1.0)
-        direction = released if server is None else server.step(released)
+        # the closed-form grads at the current point; at the previous point, last round's (exact: full batch)
+        released = pipe.release(lambda at, g=grads, b=before: g if at is None else b, params)
+        direction = pipe.apply_server(released)
         if probe is not None:
             probe.observe(stage, grads, previous, released, direction, n)
         with torch.no_grad():
@@ -317,7 +331,8 @@ def check_fast_path(task: Task) -> None:
                           atol=1e-5, rtol=1e-4):
         raise RuntimeError(f"{task.name}: closed-form per-sample gradients differ from commlib's")
     stages: List[Callable[[], PrivacyStage]] = [lambda: DPSGD(1.0, 2.0, seed=7),
-                                                 lambda: DIFF2Worker(1.0, 0.1, 2.0, 3.0, 2, seed=7)]
+                                                 lambda: DIFF2Worker(1.0, 0.1, 2.0, 3.0, 2, seed=7),
+                                                 lambda: EFDPSGD(0.1, sigma=2.0, error_clip_ratio=2.0, seed=7)]
     for make in stages:
         fast = train_full_batch(task, make(), 0.1, 5, seed=3)
         torch.manual_seed(3)
@@ -334,8 +349,9 @@ def check_fast_path(task: Task) -> None:
 # ---------------------------------------------------------------- configurations -> runs
 
 @functools.lru_cache(maxsize=None)
-def _sigma(eps: float, q: float, steps: int, n: int) -> float:
-    return calibrate_sigma(eps, DELTA, q, steps, dataset_size=n)
+def _sigma(stage_cls: type, eps: float, q: float, steps: int, n: int) -> float:
+    """σ at the sampling the stage's releases get (q if Poisson-subsampled, else 1)."""
+    return calibrate_stage_sigma(stage_cls, eps, DELTA, q, steps, dataset_size=n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -361,15 +377,18 @@ def build(method: str, cfg: Config, task: Task, eps: Optional[float], round_scal
     if method == "nonprivate SGD":
         return Spec(lambda s: DPSGD(math.inf, 0.0, seed=s), cfg["lr"], steps, q, {"lr": cfg["lr"]})
     assert eps is not None
-    if method in ("DP-SGD", "EF-DPSGD"):
-        c, sigma = cfg["clip"], _sigma(eps, q, steps, n)
+    if method == "DP-SGD":
+        c, sigma = cfg["clip"], _sigma(DPSGD, eps, q, steps, n)
         params = {"clip": c, "lr": cfg["step"] / c, "sigma": sigma, "q": q, "steps": steps}
-        if method == "DP-SGD":
-            return Spec(lambda s: DPSGD(c, sigma, seed=s), cfg["step"] / c, steps, q, params)
-        return Spec(lambda s: EFDPSGD(c, c, sigma, seed=s), cfg["step"] / c, steps, q, params)
+        return Spec(lambda s: DPSGD(c, sigma, seed=s), cfg["step"] / c, steps, q, params)
     rounds = max(1, int(round(cfg["rounds"] * round_scale)))
+    if method == "EF-DPSGD":
+        c, ratio, sigma = cfg["clip"], cfg["ratio"], _sigma(EFDPSGD, eps, 1.0, rounds, n)
+        lr = cfg["time"] / (c * rounds)
+        return Spec(lambda s: EFDPSGD(c, sigma=sigma, error_clip_ratio=ratio, seed=s), lr, rounds, None,
+                    {"rounds": rounds, "clip": c, "ratio": ratio, "lr": lr, "sigma": sigma})
     if method == "DP-GD":
-        c, sigma = cfg["clip"], _sigma(eps, 1.0, rounds, n)
+        c, sigma = cfg["clip"], _sigma(DPSGD, eps, 1.0, rounds, n)
         lr = cfg["time"] / (c * rounds)
         return Spec(lambda s: DPSGD(c, sigma, seed=s), lr, rounds, None,
                     {"rounds": rounds, "clip": c, "lr": lr, "sigma": sigma})
@@ -436,9 +455,9 @@ def report(task: Task, method: str, eps: Optional[float], spec: Spec, seeds: Seq
 
 
 def run_task(task: Task, eps_list: List[float], seeds: List[int], tune_seeds: Sequence[int], quick: bool,
-             round_scale: float) -> List[Dict]:
+             round_scale: float, private: Sequence[str] = PRIVATE) -> List[Dict]:
     rows: List[Dict] = []
-    methods = ["nonprivate SGD", *PRIVATE]
+    methods = ["nonprivate SGD", *private]
     for eps in [None, *eps_list]:
         for method in methods:
             if (eps is None) != (method == "nonprivate SGD"):
@@ -452,12 +471,12 @@ def run_task(task: Task, eps_list: List[float], seeds: List[int], tune_seeds: Se
             res = report(task, method, eps, spec, seeds, period, want_probe=full_batch)
             rows.append({"task": task.name, "method": method, "eps_target": eps, "metric": task.metric_name,
                          "selected": grid[best], "params": spec.params, "grid": grid, "val_scores": scores,
-                         "note": "*" if method == "EF-DPSGD" else "", "seconds": time.perf_counter() - t0, **res})
+                         "note": "", "seconds": time.perf_counter() - t0, **res})
             if method == "DIFF2":  # DP-GD in DIFF2's own regime (same R, C₁, η), for the explanation
                 t0 = time.perf_counter()
                 p = spec.params
                 c, rounds, lr = p["clip1"], int(p["rounds"]), p["lr"]
-                sigma = _sigma(eps, 1.0, rounds, task.n)
+                sigma = _sigma(DPSGD, eps, 1.0, rounds, task.n)
                 matched = Spec(lambda s: DPSGD(c, sigma, seed=s), lr, rounds, None,
                                {"rounds": rounds, "clip": c, "lr": lr, "sigma": sigma})
                 res = report(task, MATCHED, eps, matched, seeds, None, want_probe=True)
@@ -470,7 +489,7 @@ def run_task(task: Task, eps_list: List[float], seeds: List[int], tune_seeds: Se
 # ---------------------------------------------------------------- output
 
 def _short(p: Dict[str, float]) -> str:
-    keys = ("rounds", "period", "clip", "clip1", "clip2", "lr", "split", "sigma", "sigma1", "sigma2")
+    keys = ("rounds", "period", "clip", "clip1", "clip2", "ratio", "lr", "split", "sigma", "sigma1", "sigma2")
     return " ".join(f"{k}={p[k]:.3g}" if isinstance(p[k], float) else f"{k}={p[k]}" for k in keys if k in p)
 
 
@@ -520,7 +539,7 @@ def print_diagnostics(rows: List[Dict]) -> None:
 
 def write_markdown(path: Path, rows: List[Dict], meta: Dict) -> None:
     lines = [f"# privacy benchmark ({'quick' if meta['quick'] else 'full'} run)", "",
-             f"δ = {DELTA:g}; reported seeds {meta['seeds']}, tuning seeds {meta['tune_seeds']} (validation split); "
+             f"δ = {DELTA:g}; ε targets {meta['eps']}; reported seeds {meta['seeds']}, tuning seeds {meta['tune_seeds']} (validation split); "
              f"{meta['seconds']:.0f} s on {meta['machine']}, torch {meta['torch']}. Generated by "
              "`benchmarks/privacy.py`; protocol in its docstring.", "",
              "## Test utility of the configuration selected on validation", "",
@@ -531,9 +550,12 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict) -> None:
         spent = "∞" if r["eps_spent"] is None else f"{r['eps_spent']:.3f}{r['note']}"
         lines.append(f"| {r['task']} | {eps_t} | {r['method']} | {spent} | {_fmt_util(r)} {r['metric']} | "
                      f"{_short(r['params'])} |")
-    lines += ["", "\\* EF-DPSGD's ε is the DP-SGD accountant's at the same σ (noise ×√(1+2C₂/C₁)); it rests on "
-              "the paper's privacy theorem, which commlib does not verify.",
-              f"'{MATCHED}' is not tuned: DP-GD run with DIFF2's selected R, C₁ and η (for the explanation).", "",
+    lines += ["", "EF-DPSGD: noise σ·(C₁ + 2C₂) on the sum, accounted as unsampled (q = 1) Gaussian releases at σ "
+              "(its sensitivity given the public past; commlib/privacy/efdpsgd.py).",
+              f"'{MATCHED}' is not tuned: DP-GD run with DIFF2's selected R, C₁ and η (for the explanation).",
+              *([f"† not re-run here (methods run: {', '.join(meta['methods_run'])}): taken from the earlier full run "
+                 f"({meta['reused_from']}); those mechanisms and their accounting did not change."]
+                if meta.get("reused_from") else []), "",
               "## Full-batch diagnostics (seed 0)", "",
               "ṽ (the applied direction) = clean part (clipped mean of the last gradient release plus the clipped "
               "mean differences since) + accumulated noise. ‖∇f‖: unclipped full-batch gradient (mean over rounds); "
@@ -562,6 +584,49 @@ def write_markdown(path: Path, rows: List[Dict], meta: Dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+def plot(path: Path, rows: List[Dict]) -> None:
+    """Test utility against target ε per method, one panel per task (non-private SGD as a line)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        mine = [r for r in rows if r["task"] == task]
+        for method in [*PRIVATE, MATCHED]:
+            pts = sorted((r["eps_target"], r["utility_mean"], r["utility_std"]) for r in mine
+                         if r["method"] == method and not math.isnan(r["utility_mean"]))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], marker="o",
+                            capsize=3, label=method, linestyle="--" if method == MATCHED else "-")
+        for r in mine:
+            if r["eps_target"] is None:
+                ax.axhline(r["utility_mean"], color="grey", linestyle=":", label="non-private SGD")
+        ax.set_xlabel("target ε (δ = 1e-5)")
+        ax.set_ylabel(f"test {mine[0]['metric']}")
+        ax.set_title(task)
+        if mine[0]["metric"] == "MSE":
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _nan(obj: object) -> object:
+    """Inverse of ``_finite`` for rows read back from JSON: None -> NaN inside numbers' places."""
+    if obj is None:
+        return math.nan
+    if isinstance(obj, dict):
+        return {k: (v if k in ("eps_target", "eps_spent", "selected") or v is None and k == "diagnostics" else _nan(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan(v) for v in obj]
+    return obj
+
+
 def _finite(obj: object) -> object:
     """NaN (a diverged run) -> None, so the JSON file is standard JSON."""
     if isinstance(obj, float) and math.isnan(obj):
@@ -573,36 +638,56 @@ def _finite(obj: object) -> object:
     return obj
 
 
+def reuse_rows(path: Path, rows: List[Dict], eps_list: List[float]) -> List[Dict]:
+    """Add the rows of methods not re-run from an earlier results file (marked †), in table order."""
+    ran = {(r["task"], r["method"]) for r in rows}
+    old = [dict(r, note="†") for r in json.loads(path.read_text())["rows"]
+           if (r["task"], r["method"]) not in ran and r["eps_target"] in eps_list]
+    order = ["nonprivate SGD", *PRIVATE, MATCHED]
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    merged = rows + [r for r in old if r["task"] in tasks]
+    merged = [_nan(r) for r in merged]
+    return sorted(merged, key=lambda r: (tasks.index(r["task"]), -1 if r["eps_target"] is None else r["eps_target"],
+                                         order.index(r["method"])))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="ε = 3, 2 configs per grid, 1 tuning and 1 reported seed, 1/4 of the rounds (< 2 min)")
     ap.add_argument("--seeds", type=int, default=None, help="number of reported seeds (default 3, quick 1)")
+    ap.add_argument("--eps", type=float, nargs="+", default=None, help="target ε values (default 2 3 5, quick 3)")
+    ap.add_argument("--methods", nargs="+", default=list(PRIVATE), choices=PRIVATE,
+                    help="private methods to run (default all; DIFF2 also runs DP-GD at its settings)")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier results JSON whose rows fill in the methods not run (marked †)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting's notes on skipped RDP orders
     seeds = list(range(1 if args.quick else 3)) if args.seeds is None else list(range(args.seeds))
     tune_seeds = TUNE_SEEDS[:1] if args.quick else TUNE_SEEDS
-    eps_list = [3.0] if args.quick else [2.0, 3.0, 5.0]
+    eps_list = ([3.0] if args.quick else [2.0, 3.0, 5.0]) if args.eps is None else list(args.eps)
     round_scale = 0.25 if args.quick else 1.0
     start = time.perf_counter()
     rows: List[Dict] = []
     for task in (digits_task(args.quick), regression_task(args.quick)):
         check_fast_path(task)
-        rows += run_task(task, eps_list, seeds, tune_seeds, args.quick, round_scale)
+        rows += run_task(task, eps_list, seeds, tune_seeds, args.quick, round_scale, args.methods)
+    if args.reuse is not None:
+        rows = reuse_rows(args.reuse, rows, eps_list)
     total = time.perf_counter() - start
     print_table(rows)
-    print("* EF-DPSGD's ε is the DP-SGD accountant's at the same σ (noise ×√(1+2C₂/C₁)); it relies on the "
-          "paper's privacy theorem, which commlib does not verify.")
     print_diagnostics(rows)
     print(f"total {total:.1f} s")
-    meta = {"benchmark": "privacy", "quick": args.quick, "delta": DELTA, "seeds": seeds, "tune_seeds": list(tune_seeds),
+    meta = {"benchmark": "privacy", "quick": args.quick, "eps": eps_list, "methods_run": args.methods,
+            "reused_from": None if args.reuse is None else args.reuse.name, "delta": DELTA, "seeds": seeds, "tune_seeds": list(tune_seeds),
             "seconds": total, "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine()}
     stem = "privacy_quick" if args.quick else "privacy"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(_finite({**meta, "rows": rows}), indent=1))
     write_markdown(RESULTS / f"{stem}.md", rows, meta)
+    plot(RESULTS / f"{stem}.png", rows)
 
 
 if __name__ == "__main__":

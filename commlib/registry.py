@@ -1,5 +1,5 @@
 """Name -> class registries: one per family of pieces, so configs and the CLI stay in step
-without an if/elif chain (DESIGN.md, "Models to learn from")."""
+without an if/elif chain."""
 from __future__ import annotations
 
 from typing import Any, Callable, Dict, Generic, List, Type, TypeVar

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 import torch
 
 from commlib.aggregate import AGGREGATORS, Aggregator
+from commlib.aggregate.base import mean_divisor
 from commlib.compress import COMPRESSORS, Compressor
 from commlib.compress.identity import Identity
 from commlib.errors import CommlibError, ConfigError, NonFiniteError
@@ -56,6 +57,12 @@ class Scheme:
         nonfinite: a worker gradient with NaN/Inf is "skip"ped for that step (state untouched,
             counted) or "raise"s NonFiniteError.
         seed: base seed for randomised compressors (random-k): mixed with rank, step and slot.
+        max_abs: optional bound on every received decoded value |value * scale|: receivers (the
+            parameter server, the DDP hook) reject a payload with a larger one, counted per
+            sender. Without it only the value rule applies (finite in float32 after scale and cast).
+        checksum: DDP all-gather messages carry a CRC-32 per payload, checked by every rank (a
+            corrupted message is rejected and counted in ``rejected_by_rank``). None: on for
+            robust aggregators, off for the mean. A CRC catches accidents, it is no authentication.
         attack: simulate Byzantine ranks (tests, simulation, benchmarks): an
             ``commlib.attacks.AttackPlan`` or a dict ``{"attack": "alie", "ranks": [3], ...options}``.
             The server half replaces those ranks' decoded vectors by the attack's output computed
@@ -79,6 +86,8 @@ class Scheme:
         nonfinite: str = "skip",
         seed: int = 0,
         attack: Any = None,
+        max_abs: Optional[float] = None,
+        checksum: Optional[bool] = None,
     ) -> None:
         copt = dict(compressor_options or {})
         if ratio is not None:
@@ -110,6 +119,10 @@ class Scheme:
         self.seed = int(seed)
         self._dense = Identity()
         self.attack = self._build_attack(attack)
+        if max_abs is not None and not (isinstance(max_abs, (int, float)) and 0 < float(max_abs) < float("inf")):
+            raise ConfigError(f"max_abs must be a finite number > 0 (or None), got {max_abs!r}")
+        self.max_abs: Optional[float] = None if max_abs is None else float(max_abs)
+        self.checksum: bool = (not self.aggregator.is_mean) if checksum is None else bool(checksum)
 
     @staticmethod
     def _build_attack(attack: Any):
@@ -358,25 +371,35 @@ class SchemeServer:
             raise CommlibError("no worker contributions to aggregate")
         dense = dense if dense is not None else [False] * len(keys)
         agg = self.scheme.aggregator
-        fb = self.scheme.feedback
         if agg.is_mean and self.scheme.attack is None:
-            aggs = []
-            for j, numel in enumerate(numels):
-                out = torch.zeros(numel, dtype=dtype, device=device)
-                count = 0
-                for r in range(n):
-                    p = received[r][j]
-                    if p is None or p.kind == Kind.SKIP:
-                        continue
-                    p.add_to(out)
-                    count += 1
-                div = n if fb.increments else count  # a silent worker is a zero increment (EF21)
-                if div:
-                    out.div_(div)
-                aggs.append(out)
+            aggs = [self._mean(received, j, numel, dtype, device) for j, numel in enumerate(numels)]
+            # Each payload passed the value rule (finite in ``dtype``), but a sum of several
+            # near the top of the range can still overflow: one host sync for the whole group,
+            # and only then the exact mean again in float64 (it lies within the inputs' range).
+            if aggs and dtype != torch.float64 and \
+                    not bool(torch.isfinite(torch.stack([a.sum(dtype=torch.float64) for a in aggs])).all()):
+                aggs = [a if bool(torch.isfinite(a).all()) else
+                        self._mean(received, j, numels[j], torch.float64, device).to(dtype)
+                        for j, a in enumerate(aggs)]
         else:
             aggs = self._robust(numels, received, dtype, device)
         return self.finish(keys, aggs, dense)
+
+    def _mean(self, received: Sequence[Sequence[Optional[Payload]]], j: int, numel: int, dtype: torch.dtype,
+              device) -> torch.Tensor:
+        """Mean of the workers' payloads for key j (skipped/missing ones follow ``mean_divisor``)."""
+        out = torch.zeros(numel, dtype=dtype, device=device)
+        count = 0
+        for msgs in received:
+            p = msgs[j]
+            if p is None or p.kind == Kind.SKIP:
+                continue
+            p.add_to(out)
+            count += 1
+        div = mean_divisor(len(received), count, self.scheme.feedback.increments)
+        if div:
+            out.div_(div)
+        return out
 
     def finish(self, keys: Sequence[str], aggregates: Sequence[torch.Tensor],
                dense: Optional[Sequence[bool]] = None) -> List[torch.Tensor]:

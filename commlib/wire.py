@@ -26,7 +26,23 @@ Message (32-byte header, then payloads back to back)::
     16 u64 step; 24 u64 used length in bytes (header + payloads; trailing padding ignored)
 
 Everything received is validated before it touches a model: magic, version, kind, dtype,
-sizes, index range, checksum and (by policy) finiteness. No pickle anywhere.
+sizes, index range and order, checksum, and the value rule below. No pickle anywhere.
+
+Value rule (applied by every receiver; the native unpack in csrc/ implements the same): with
+``T`` the dtype the receiver adds in (float32 unless it says otherwise) and ``round_T`` IEEE
+round-to-nearest into ``T`` (overflow -> Inf), a payload is accepted only if
+
+- ``scale`` is finite, > 0, and ``round_T(scale)`` is a finite *normal* number of ``T``
+  (zero, negative, subnormal and overflowing scales are refused: no commlib sender makes them);
+- every decoded value ``round_T(round_T(value) * round_T(scale))`` is finite (with the
+  finiteness policy "reject"), and so is every addend ``round_T(value) * round_T(alpha * scale)``
+  of a receiver that adds ``alpha`` times the payload;
+- with ``max_abs``: every decoded value has magnitude <= max_abs;
+- SPARSE indices are strictly ascending (no duplicates), so each decoded entry is one value.
+
+Size claims: a payload decoded without an expected size may stand for at most ``max_numel``
+entries (default ``DEFAULT_MAX_NUMEL``; for a Message, all its payloads together), so a short
+message cannot make the receiver expand it into gigabytes.
 """
 from __future__ import annotations
 
@@ -45,6 +61,10 @@ VERSION = 1
 PAYLOAD_MAGIC = b"CLPL"
 MESSAGE_MAGIC = b"CLMS"
 MAX_NUMEL = 1 << 40  # sanity bound: a header claiming more is corrupt
+#: Entries a payload (or a whole Message) decoded *without* an expected size may stand for:
+#: 2^26 = 64 Mi entries (256 MiB as float32). Receivers that know their tensors pass
+#: ``numel``/``numels`` and are not capped; raise it (or pass ``max_numel``) for larger tensors.
+DEFAULT_MAX_NUMEL = 1 << 26
 
 _PHDR = struct.Struct("<4sHBBIIQQQdIIQ")
 _MHDR = struct.Struct("<4sHHIIQQ")
@@ -94,6 +114,76 @@ def randk_indices(numel: int, k: int, seed: int, device: Union[str, torch.device
     gen.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
     idx = torch.randperm(numel, generator=gen)[:k].sort().values.to(torch.int32)
     return idx.to(device)
+
+
+_PACK_CODE = {torch.float32: "<f", torch.float16: "<e"}
+
+
+def _round_to(x: float, dtype: torch.dtype) -> float:
+    """IEEE round-to-nearest of a Python float into ``dtype`` (overflow gives +-Inf), as a float."""
+    if dtype == torch.float64 or x != x:
+        return float(x)
+    code = _PACK_CODE.get(dtype)
+    if code is None:  # bfloat16: no struct format
+        return float(torch.tensor(x, dtype=torch.float64).to(dtype))
+    try:
+        return struct.unpack(code, struct.pack(code, x))[0]
+    except OverflowError:  # struct refuses what rounds to Inf
+        return math.copysign(math.inf, x)
+
+
+def _product_in(a: float, b: float, dtype: torch.dtype) -> float:
+    """round_dtype(a * b) for a, b representable in ``dtype``: the exact product rounded once
+    (float32/16/bf16 products are exact in float64, so one rounding of the double product)."""
+    return _round_to(a * b, dtype)
+
+
+def check_scale(scale: float, *, target: torch.dtype = torch.float32, alpha: float = 1.0) -> None:
+    """The scale half of the value rule (module docstring); raises NonFiniteError/PayloadError."""
+    if not math.isfinite(scale):
+        raise NonFiniteError(f"payload scale is {scale}")
+    if not scale > 0:
+        raise PayloadError(f"payload scale must be > 0, got {scale!r}")
+    s_t = _round_to(scale, target)
+    if not math.isfinite(s_t):
+        raise NonFiniteError(f"payload scale {scale!r} overflows {target}")
+    if s_t < torch.finfo(target).tiny:
+        raise PayloadError(f"payload scale {scale!r} is not a normal {target} number")
+    if alpha != 1.0 and not math.isfinite(_round_to(float(alpha) * scale, target)):
+        raise NonFiniteError(f"alpha * scale = {float(alpha) * scale!r} overflows {target}")
+
+
+def check_values(values: torch.Tensor, scale: float, *, target: torch.dtype = torch.float32,
+                 alpha: float = 1.0, max_abs: Optional[float] = None, finite: bool = True,
+                 slot: int = 0) -> None:
+    """The value rule of the module docstring for one payload's values (any wire dtype).
+
+    Rounding to ``target`` and multiplying by a positive number are monotone, so the rule holds
+    for every value iff it holds for the largest magnitude: one ``aminmax`` pass, then scalars.
+    Raises NonFiniteError (a non-finite value, or one that overflows ``target`` after scale and
+    cast) or PayloadError (a bad scale, or a value over ``max_abs``).
+    """
+    if target not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        raise PayloadError(f"unsupported target dtype {target}")
+    check_scale(scale, target=target, alpha=alpha)
+    if values.numel() == 0 or (not finite and max_abs is None):
+        return
+    lo, hi = (float(v) for v in torch.aminmax(values))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        if finite:
+            raise NonFiniteError(f"payload for slot {slot} holds NaN or Inf values")
+        peak = float("nan")
+    else:
+        peak = _round_to(max(-lo, hi), target)
+    s_t = _round_to(scale, target)
+    decoded = _product_in(peak, s_t, target) if peak == peak else peak
+    if finite:
+        addend = decoded if alpha == 1.0 else _product_in(peak, _round_to(float(alpha) * scale, target), target)
+        if not (math.isfinite(decoded) and math.isfinite(addend)):
+            raise NonFiniteError(f"payload for slot {slot}: a value (max |value| {max(-lo, hi):g}, scale "
+                                 f"{scale:g}) is not finite in {target}")
+    if max_abs is not None and not abs(decoded) <= max_abs:
+        raise PayloadError(f"payload for slot {slot}: decoded |value| up to {abs(decoded):g} exceeds max_abs {max_abs:g}")
 
 
 @dataclass
@@ -172,6 +262,8 @@ class Payload:
         if self.kind == Kind.SKIP or self.nnz == 0:
             return out
         a = float(alpha) * float(self.scale)
+        if out.is_floating_point() and not math.isfinite(_round_to(a, out.dtype)):
+            raise NonFiniteError(f"alpha * scale = {a!r} overflows {out.dtype}")
         if self.kind == Kind.DENSE:
             out.add_(self.values.to(out.dtype), alpha=a)
             return out
@@ -184,8 +276,11 @@ class Payload:
 
     # ---- validation -----------------------------------------------------------
     def validate(self, finite: FinitePolicy = "reject", *, numel: Optional[int] = None,
-                 slot: Optional[int] = None) -> "Payload":
-        """Check internal consistency, index range and finiteness; raise PayloadError."""
+                 slot: Optional[int] = None, target: torch.dtype = torch.float32,
+                 max_abs: Optional[float] = None) -> "Payload":
+        """Check internal consistency, index range and order, and the value rule (module
+        docstring) for a receiver that adds in ``target``; raise PayloadError (NonFiniteError
+        for values that are not finite in ``target`` after scale and cast)."""
         if not isinstance(self.kind, Kind):
             raise PayloadError(f"unknown payload kind {self.kind!r}")
         if self.values.dtype not in _DTYPE_CODE:
@@ -207,8 +302,8 @@ class Payload:
             raise PayloadError("skip payload carries values")
         if self.values.dtype == torch.int8 and self.kind == Kind.SKIP:
             raise PayloadError("int8 skip payload")
-        if not (self.scale == self.scale and abs(self.scale) != float("inf")):
-            raise NonFiniteError(f"payload scale is {self.scale}")
+        if finite not in ("reject", "allow"):
+            raise PayloadError(f"unknown finiteness policy {finite!r}")
         if self.kind == Kind.SPARSE:
             idx = self.indices
             if idx is None or idx.dtype != torch.int32 or idx.dim() != 1 or idx.numel() != n:
@@ -219,15 +314,12 @@ class Payload:
                     raise PayloadError(
                         f"sparse index out of range [0, {self.numel}): min {int(lo)}, max {int(hi)}"
                     )
+                if n > 1 and not bool((idx[1:] > idx[:-1]).all()):
+                    raise PayloadError("sparse indices must be strictly ascending (no duplicates)")
         elif self.indices is not None:
             raise PayloadError(f"{self.kind.name} payload must not carry indices")
-        if finite == "reject" and n and self.values.is_floating_point():
-            # a finite sum implies finite entries (fast path); otherwise check entry by entry
-            if not math.isfinite(float(self.values.sum(dtype=torch.float32))) and \
-                    not bool(torch.isfinite(self.values).all()):
-                raise NonFiniteError(f"payload for slot {self.slot} holds NaN or Inf values")
-        elif finite not in ("reject", "allow"):
-            raise PayloadError(f"unknown finiteness policy {finite!r}")
+        check_values(self.values, float(self.scale), target=target, max_abs=max_abs,
+                     finite=finite == "reject", slot=self.slot)
         return self
 
     # ---- encoding ---------------------------------------------------------------
@@ -238,10 +330,11 @@ class Payload:
             float(self.scale), self.body_bytes(), crc, 0,
         )
 
-    def encode_into(self, buf: torch.Tensor, offset: int = 0) -> int:
+    def encode_into(self, buf: torch.Tensor, offset: int = 0, checksum: bool = False) -> int:
         """Write this payload into a flat uint8 tensor (any device) at offset; return the end.
 
-        No checksum (used inside collectives whose transport already checks integrity).
+        With ``checksum`` the header carries the CRC-32 of header and body (as ``to_bytes``);
+        a CUDA buffer is then copied to the host once for it.
         """
         end = offset + self.nbytes
         if buf.dtype != torch.uint8 or buf.dim() != 1 or end > buf.numel():
@@ -259,6 +352,14 @@ class Payload:
         nb = n * self.values.element_size()
         if nb:
             buf[pos:pos + nb].view(self.values.dtype).copy_(self.values)
+        if checksum:
+            pad = pos + nb
+            buf[pad:end] = 0  # padding is covered by the CRC: make it deterministic
+            hdr = self._header(0, flags | int(Flag.CHECKSUM))
+            body = buf[offset + PAYLOAD_HEADER_BYTES:end].cpu().numpy()
+            crc = zlib.crc32(body, zlib.crc32(hdr))
+            buf[offset:offset + PAYLOAD_HEADER_BYTES].copy_(
+                torch.frombuffer(bytearray(self._header(crc, flags | int(Flag.CHECKSUM))), dtype=torch.uint8))
         return end
 
     def to_bytes(self, checksum: bool = True) -> bytes:
@@ -278,11 +379,15 @@ class Payload:
     @classmethod
     def decode_from(cls, buf: torch.Tensor, offset: int = 0, *, finite: FinitePolicy = "reject",
                     numel: Optional[int] = None, slot: Optional[int] = None,
-                    copy: bool = False, require_checksum: bool = False) -> Tuple["Payload", int]:
+                    copy: bool = False, require_checksum: bool = False,
+                    target: torch.dtype = torch.float32, max_abs: Optional[float] = None,
+                    max_numel: Optional[int] = None) -> Tuple["Payload", int]:
         """Parse and validate one payload from a flat uint8 tensor; return (payload, end offset).
 
         Values/indices are views into ``buf`` unless ``copy``. Receivers of bytes from an
-        untrusted network pass ``require_checksum=True``.
+        untrusted network pass ``require_checksum=True``. ``target``/``max_abs``: the value rule
+        (module docstring). Without an expected ``numel`` the payload may stand for at most
+        ``max_numel`` entries (default ``DEFAULT_MAX_NUMEL``).
         """
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise PayloadError("decode needs a flat uint8 buffer")
@@ -307,6 +412,13 @@ class Payload:
             raise PayloadError("reserved payload header field is not zero")
         if pnumel > MAX_NUMEL or nnz > MAX_NUMEL:
             raise PayloadError(f"implausible sizes numel={pnumel} nnz={nnz}")
+        if numel is None:
+            cap = DEFAULT_MAX_NUMEL if max_numel is None else int(max_numel)
+            if pnumel > cap:
+                raise PayloadError(f"payload claims {pnumel} entries; a receiver without an expected size "
+                                   f"accepts at most {cap} (max_numel)")
+        elif pnumel != numel:
+            raise PayloadError(f"payload for slot {pslot} has numel {pnumel}, expected {numel}")
         dtype = DTYPES[dcode]
         itemsize = torch.empty(0, dtype=dtype).element_size()
         idx_bytes = _align8(4 * nnz) if kind_e == Kind.SPARSE else 0
@@ -339,16 +451,18 @@ class Payload:
             indices = indices.clone() if indices is not None else None
         p = cls(kind_e, int(pnumel), values, indices, int(seed), float(scale), int(pslot),
                 Flag(flags & ~int(Flag.CHECKSUM)))
-        p.validate(finite, numel=numel, slot=slot)
+        p.validate(finite, numel=numel, slot=slot, target=target, max_abs=max_abs)
         return p, end
 
     @classmethod
     def from_bytes(cls, data: Union[bytes, bytearray, memoryview], *, finite: FinitePolicy = "reject",
                    numel: Optional[int] = None, slot: Optional[int] = None,
-                   require_checksum: bool = False) -> "Payload":
-        """Parse one standalone payload; trailing bytes are an error."""
+                   require_checksum: bool = False, target: torch.dtype = torch.float32,
+                   max_abs: Optional[float] = None, max_numel: Optional[int] = None) -> "Payload":
+        """Parse one standalone payload; trailing bytes are an error (options as decode_from)."""
         buf = _bytes_to_tensor(data)
-        p, end = cls.decode_from(buf, 0, finite=finite, numel=numel, slot=slot, require_checksum=require_checksum)
+        p, end = cls.decode_from(buf, 0, finite=finite, numel=numel, slot=slot, require_checksum=require_checksum,
+                                 target=target, max_abs=max_abs, max_numel=max_numel)
         if end != buf.numel():
             raise PayloadError(f"{buf.numel() - end} trailing bytes after payload")
         return p
@@ -379,8 +493,9 @@ class Message:
         """Fixed buffer size that holds any message whose payloads stay within these bounds."""
         return MESSAGE_HEADER_BYTES + sum(payload_max_bytes)
 
-    def encode_into(self, buf: torch.Tensor) -> int:
-        """Write into a flat uint8 tensor (padding after the used length is left as is)."""
+    def encode_into(self, buf: torch.Tensor, checksum: bool = False) -> int:
+        """Write into a flat uint8 tensor (padding after the used length is left as is);
+        ``checksum``: every payload carries its CRC-32 (see Payload.encode_into)."""
         used = self.nbytes
         if buf.numel() < used:
             raise PayloadError(f"message needs {used} bytes, buffer holds {buf.numel()}")
@@ -388,7 +503,7 @@ class Message:
         buf[:MESSAGE_HEADER_BYTES].copy_(torch.frombuffer(bytearray(hdr), dtype=torch.uint8))
         off = MESSAGE_HEADER_BYTES
         for p in self.payloads:
-            off = p.encode_into(buf, off)
+            off = p.encode_into(buf, off, checksum=checksum)
         return off
 
     def to_bytes(self, checksum: bool = True) -> bytes:
@@ -401,8 +516,11 @@ class Message:
     def decode_from(cls, buf: torch.Tensor, *, finite: FinitePolicy = "reject",
                     numels: Optional[Sequence[int]] = None, copy: bool = False,
                     max_count: int = 1 << 20, exact: bool = False,
-                    require_checksum: bool = False) -> "Message":
-        """Parse and validate a message; ``numels`` (if given) is what the receiver expects per slot."""
+                    require_checksum: bool = False, target: torch.dtype = torch.float32,
+                    max_abs: Optional[float] = None, max_numel: Optional[int] = None) -> "Message":
+        """Parse and validate a message; ``numels`` (if given) is what the receiver expects per slot.
+        Without ``numels`` its payloads together may stand for at most ``max_numel`` entries
+        (default ``DEFAULT_MAX_NUMEL``). ``target``/``max_abs``: the value rule (module docstring)."""
         if buf.dtype != torch.uint8 or buf.dim() != 1:
             raise PayloadError("decode needs a flat uint8 buffer")
         if buf.numel() < MESSAGE_HEADER_BYTES:
@@ -423,10 +541,14 @@ class Message:
         view = buf[:used]
         off = MESSAGE_HEADER_BYTES
         payloads = []
+        budget = DEFAULT_MAX_NUMEL if max_numel is None else int(max_numel)
         for i in range(count):
             p, off = Payload.decode_from(view, off, finite=finite, slot=i,
                                          numel=None if numels is None else numels[i], copy=copy,
-                                         require_checksum=require_checksum)
+                                         require_checksum=require_checksum, target=target, max_abs=max_abs,
+                                         max_numel=budget)
+            if numels is None:
+                budget -= p.numel  # the whole message expands to at most max_numel entries
             payloads.append(p)
         if off != used:
             raise PayloadError(f"message length {used} disagrees with its payloads ({off})")

@@ -17,7 +17,7 @@ using namespace commlib;
 namespace {
 
 // Bumped whenever a signature here changes; commlib/ops/native.py refuses a stale build.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 #ifdef WITH_CUDA
 constexpr bool kHasCuda = true;
@@ -74,12 +74,12 @@ std::string scatter_add(Tensor out, const Tensor& idx, const Tensor& val, double
 
 // Returns (ends, nnz, flags, codes, messages), one entry per rank; see ops_api.h / Verdict.
 py::tuple unpack_scatter_add(Tensor out, const Tensor& bufs, const Tensor& offsets, double alpha, int64_t slot,
-                             bool finite, bool require_checksum, bool skip_errors) {
+                             bool finite, double max_abs, bool require_checksum, bool skip_errors) {
   std::vector<Verdict> verdicts;
   {
     py::gil_scoped_release nogil;
     verdicts = COMMLIB_DISPATCH(out.is_cuda(), unpack_scatter_add, out, bufs, offsets, alpha, slot, finite,
-                                require_checksum, skip_errors);
+                                max_abs, require_checksum, skip_errors);
   }
   py::list ends, nnz, flags, codes, msgs;
   for (const Verdict& v : verdicts) {

@@ -29,8 +29,8 @@
                                                int64_t vcode);                                                 \
   std::string scatter_add(at::Tensor out, const at::Tensor& idx, const at::Tensor& val, double alpha);         \
   std::vector<Verdict> unpack_scatter_add(at::Tensor out, const at::Tensor& bufs, const at::Tensor& offsets,   \
-                                          double alpha, int64_t slot, bool finite, bool require_checksum,      \
-                                          bool skip_errors);
+                                          double alpha, int64_t slot, bool finite, double max_abs,             \
+                                          bool require_checksum, bool skip_errors);
 
 namespace commlib {
 namespace cpu_ops {

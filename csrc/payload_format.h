@@ -38,6 +38,45 @@ enum ErrCode : int { kOk = 0, kPayloadError = 1, kNonFinite = 2 };
 
 inline int64_t align8(int64_t n) { return (n + 7) & ~int64_t(7); }
 
+// ---- the value rule of commlib/wire.py (native receivers add in float32) ----------------------
+// The smallest magnitude that IEEE round-to-nearest sends to +-Inf in float32: 2^128 - 2^103.
+constexpr double kF32Overflow = 340282356779733661637539395458142568448.0;
+constexpr double kF32MinNormal = 1.17549435082228750797e-38;  // FLT_MIN
+
+// round_f32(x): IEEE round-to-nearest of a double into float32, overflow -> +-Inf, NaN stays
+// NaN (a plain float(x) of an out-of-range double is undefined behaviour in C++).
+inline float round_f32(double x) {
+  if (std::isnan(x)) return float(x);
+  if (std::fabs(x) >= kF32Overflow) return x > 0 ? HUGE_VALF : -HUGE_VALF;
+  return float(x);
+}
+
+// The scale half of the rule for a receiver adding alpha * payload into float32: scale finite,
+// > 0, round_f32(scale) a finite normal float, round_f32(alpha * scale) finite.  "" when
+// acceptable; *code: kNonFinite (non-finite or overflowing) or kPayloadError.
+inline std::string check_scale(double scale, double alpha, int* code) {
+  *code = kNonFinite;
+  if (!std::isfinite(scale)) return "payload scale is not finite";
+  *code = kPayloadError;
+  if (!(scale > 0)) return "payload scale must be > 0";
+  const float s = round_f32(scale);
+  *code = kNonFinite;
+  if (!std::isfinite(s)) return "payload scale overflows float32";
+  *code = kPayloadError;
+  if (double(s) < kF32MinNormal) return "payload scale is not a normal float32 number";
+  *code = kNonFinite;
+  if (!std::isfinite(round_f32(alpha * scale))) return "alpha * scale overflows float32";
+  *code = kOk;
+  return "";
+}
+
+// The per-value half, for one value already rounded to float32 (v), s = round_f32(scale) and
+// a = round_f32(alpha * scale): the decoded value v * s and the addend v * a must be finite
+// (value_finite), and |v * s| <= max_abs when a bound is set (value_within).  Float products
+// (built with -ffp-contract=off / --fmad=false): the exact product rounded once, as torch does.
+inline bool value_finite(float v, float s, float a) { return std::isfinite(v * s) && std::isfinite(v * a); }
+inline bool value_within(float v, float s, double max_abs) { return std::fabs(double(v * s)) <= max_abs; }
+
 inline int64_t itemsize(uint8_t code) {
   switch (code) {
     case kF32: return 4;
@@ -186,8 +225,9 @@ inline std::string check_layout(const uint8_t* buf, int64_t offset, int64_t capa
 }
 
 // Checks of Payload.validate that need no body scan, against the receiver's expectations
-// (`numel` entries; slot < 0 accepts any slot).  "" when acceptable; *code is the error class.
-inline std::string check_meaning(const Header& h, int64_t numel, int64_t slot, int* code) {
+// (`numel` entries; slot < 0 accepts any slot; it adds alpha * payload in float32).  "" when
+// acceptable; *code is the error class.
+inline std::string check_meaning(const Header& h, int64_t numel, int64_t slot, double alpha, int* code) {
   *code = kPayloadError;
   if (int64_t(h.numel) != numel)
     return "payload for slot " + std::to_string(h.slot) + " has numel " + std::to_string(h.numel) +
@@ -200,10 +240,9 @@ inline std::string check_meaning(const Header& h, int64_t numel, int64_t slot, i
     return "payload carries " + std::to_string(h.nnz) + " values but numel is " + std::to_string(h.numel);
   if (h.kind == kSkip && h.nnz != 0) return "skip payload carries values";
   if (h.kind == kSkip && h.dtype == kI8) return "int8 skip payload";
-  if (!std::isfinite(h.scale)) {
-    *code = kNonFinite;
-    return "payload scale is not finite";
-  }
+  std::string err = check_scale(h.scale, alpha, code);
+  if (!err.empty()) return err;
+  *code = kPayloadError;
   if (h.kind == kRandK)
     return "RANDK payloads are not unpacked here (decode them with Payload.decode_from)";
   *code = kOk;

@@ -11,3 +11,19 @@ else
   PY=python3
 fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+# The parameter server's job secret (COMMLIB_SECRET or COMMLIB_SECRET_FILE; README "Security
+# model"): every process of a job must have the same one. On one machine a fresh one is made
+# here; a job spanning several nodes must be given one (a file on a shared file system with
+# mode 600, or the variable exported on every node), since nodes cannot make the same one.
+commlib_job_secret() {
+  if [ -n "${COMMLIB_SECRET:-}" ] || [ -n "${COMMLIB_SECRET_FILE:-}" ] || [ "${COMMLIB_AUTH:-}" = none ]; then
+    return 0
+  fi
+  if [ "${NNODES:-1}" != 1 ]; then
+    echo "commlib: a job on several nodes needs a shared secret: set COMMLIB_SECRET_FILE (or COMMLIB_SECRET) on every node" >&2
+    return 1
+  fi
+  COMMLIB_SECRET=$("$PY" -c 'import secrets; print(secrets.token_hex(32))')
+  export COMMLIB_SECRET
+}

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Parameter server on Ray: this process is the server, each worker a Ray actor.
-# Without RAY_ADDRESS a local Ray is started (127.0.0.1 only, files under .tmp/ray);
+# Without RAY_ADDRESS a local Ray is started (Ray token authentication with a fresh token, no
+# dashboard, every Ray process killed when this one ends; files under .tmp/ray); frames are
+# authenticated with COMMLIB_SECRET (made by the driver when unset, passed to the actors);
 # with RAY_ADDRESS (e.g. "auto" on a node of a cluster started by `ray start`) it joins that cluster.
 #
 #   bash launch/ps_ray.sh 8 --steps 300 --quorum 6 --step-timeout 2

@@ -67,8 +67,8 @@ def train(rank, world, scheme, steps, *, bucket_cap_mb=25.0, lr=0.05, momentum=0
 
         orig = H.Message.encode_into
 
-        def bad(self, buf):
-            end = orig(self, buf)
+        def bad(self, buf, *args, **kwargs):
+            end = orig(self, buf, *args, **kwargs)
             buf[:4] = 0  # destroy the magic
             return end
 
@@ -178,7 +178,7 @@ def job_private(rank, world, kind, scheme_cfg, steps, out, same_seed=False):
 
         acc = Accountant(1e-5)
     trainer = private_trainer(model, nn.functional.cross_entropy, stage, opt, scheme=Scheme(**scheme_cfg),
-                              accountant=acc, sample_rate=8 / (x.shape[0] // world))
+                              accountant=acc, sample_rate=8 / (x.shape[0] // world), expected_batch_size=8)
     for step in range(steps):
         xb, yb = shard(x, y, rank, world, step, 8)
         trainer.step(xb, yb)

@@ -1,5 +1,5 @@
 """Flag Aggregator against a direct FlagIRLS: explicit unit columns, QR of the seeded d x r
-matrix, thin SVD of the d x (p + pairs) weighted matrix at every step (ALGORITHMS.md §6)."""
+matrix, thin SVD of the d x (p + pairs) weighted matrix at every step (docs/algorithms.md §6.4)."""
 from __future__ import annotations
 
 import math

@@ -209,7 +209,7 @@ def test_random_model_patterns_decode_exactly(cls, n, B, W, lam, code):
 
 # ---------------------------------------------------------------- direct reference
 def _reference_msgc(pattern, n, B, W, lam, jobs, code):
-    """Slow restatement of ALGORITHMS.md §4 M-SGC: counts of D1 chunks per worker and job,
+    """Slow restatement of M-SGC (docs/algorithms.md §4): counts of D1 chunks per worker and job,
     sets of D2 results per group; returns decodable-by-deadline per job."""
     d1 = {j: [0] * n for j in range(jobs)}
     d2 = {j: [set() for _ in range(B)] for j in range(jobs)}

@@ -18,7 +18,7 @@ def ref_topk(x, k):
 
 
 def ref_dgc_select(x, ratio, sample_ratio=0.01, rounds=10):
-    """ALGORITHMS.md §1 step 3, written out directly (loops, Python lists)."""
+    """DGC selection (docs/algorithms.md §1, steps 1-3), written out directly (loops, Python lists)."""
     n = x.numel()
     k = max(1, math.ceil(ratio * n))
     s = min(n, max(math.ceil(sample_ratio * n), math.ceil(2 / ratio)))

@@ -30,9 +30,11 @@ def test_noisy_efdpsgd_with_compression_keeps_replicas_identical(tmp_path):
     for k in got[0]:
         assert torch.equal(got[0][k], got[1][k])
         assert torch.isfinite(got[0][k]).all()
-    # each rank tracked ε during training: the library's value for 6 releases at σ = 1, q = 8/256
+    # each rank tracked ε during training: the library's value for 6 releases at σ = 1, unsampled
+    # (q = 1): EF-DPSGD's error feedback carries samples into later steps, so it gets no subsampling
+    # amplification. (This assertion used q = 8/256, which under-stated ε.)
     eps = [torch.load(str(tmp_path / f"ef_{r}.pt"), weights_only=False)["epsilon"] for r in range(2)]
-    assert eps[0] == eps[1] == pytest.approx(epsilon(1.0, 1e-5, 8 / 256, 6), rel=1e-9)
+    assert eps[0] == eps[1] == pytest.approx(epsilon(1.0, 1e-5, 1.0, 6), rel=1e-9)
 
 
 def test_identical_noise_seeds_are_refused(tmp_path):

@@ -1,4 +1,4 @@
-"""ALGORITHMS.md §2 shared toy problem: n=2, f_i(x) = 1/2 ||x - c_i||^2, c1=(3,1), c2=(-1,2),
+"""docs/algorithms.md §2 shared toy problem: n=2, f_i(x) = 1/2 ||x - c_i||^2, c1=(3,1), c2=(-1,2),
 x0 = 0, gamma = 0.5, C = Top-1 (d = 2)."""
 import pytest
 import torch
@@ -34,7 +34,7 @@ def test_classic_ef_known_answer():
     xs, workers, _ = run("ef", 2)
     assert torch.allclose(xs[1], t(0.75, 0.5))
     assert torch.allclose(xs[2], t(0.625, 0.5))
-    # ALGORITHMS.md gives e in step units (gamma * e here, since e is kept in gradient units)
+    # docs/algorithms.md §2.2 gives e in step units (gamma * e here, since e is kept in gradient units)
     for w in workers:
         assert torch.allclose(GAMMA * w.state["x"]["e"], t(0.0, -0.75))
 

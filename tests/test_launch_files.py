@@ -207,3 +207,17 @@ def test_bandwidth_worker_smoke(tmp_path):
     assert recs["dgc"]["breakdown_s_per_step"]["encode"] > 0 and recs["dgc"]["evals"][0]["step"] == 3
     assert recs["dgc"]["reached"] == {"step": 3, "train_s": recs["dgc"]["evals"][0]["train_s"]}
     assert recs["allreduce"]["compute_step_s"] > 0
+
+
+def test_ps_launchers_make_a_job_secret_on_one_node_and_demand_one_on_several():
+    script = 'source launch/_python.sh && commlib_job_secret && echo "$COMMLIB_SECRET"'
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMMLIB_SECRET") and k != "NNODES"}
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and re.fullmatch(r"[0-9a-f]{64}\n", r.stdout), r.stderr
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=dict(env, NNODES="2"), capture_output=True, text=True)
+    assert r.returncode != 0 and "COMMLIB_SECRET_FILE" in r.stderr
+    r = subprocess.run(["bash", "-c", script], cwd=ROOT, env=dict(env, NNODES="2", COMMLIB_SECRET="x" * 32),
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout == "x" * 32 + "\n"
+    for name in ("ps_torchrun.sh", "ps_mpirun.sh"):
+        assert "commlib_job_secret" in (ROOT / "launch" / name).read_text()

@@ -481,8 +481,8 @@ def test_unpack_rejects_bad_payloads(backend, how):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_unpack_checksum_skip_and_unsorted(backend):
     n = 500
-    idx = torch.tensor([7, 3, 7, 499, 0], dtype=torch.int32)  # unsorted with a duplicate
-    p = Payload.sparse(idx, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), n, scale=0.5)
+    idx = torch.tensor([0, 3, 7, 499], dtype=torch.int32)
+    p = Payload.sparse(idx, torch.tensor([5.0, 2.0, 4.0, 4.0]), n, scale=0.5)
     raw = torch.frombuffer(bytearray(p.to_bytes(checksum=True)), dtype=torch.uint8)
     bufs = torch.zeros(3, 256, dtype=torch.uint8)
     bufs[0, :raw.numel()] = raw
@@ -491,6 +491,12 @@ def test_unpack_checksum_skip_and_unsorted(backend):
     res = PACK[backend].unpack_scatter_add_(out, bufs, [0, -1, 0], alpha=2.0)
     assert res.ends == [raw.numel(), -1, raw.numel()] and res.errors == {}
     assert out[7].item() == 8.0 and out[3].item() == 4.0 and out[499].item() == 8.0 and out[0].item() == 10.0
+    for bad in ([7, 3, 499, 0], [0, 3, 3, 499]):  # unsorted, duplicate: not the canonical form, rejected
+        q = Payload.sparse(torch.tensor(bad, dtype=torch.int32), torch.ones(4), n)
+        rows = torch.zeros(1, 256, dtype=torch.uint8)
+        q.encode_into(rows[0], 0)
+        with pytest.raises(PayloadError, match="ascending"):
+            PACK[backend].unpack_scatter_add_(torch.zeros(n), rows, [0])
     with pytest.raises(PayloadError, match="slot"):
         PACK[backend].unpack_scatter_add_(out, bufs, [0, -1, 0], slot=1)
     PACK[backend].unpack_scatter_add_(torch.zeros(n), bufs, [0, -1, 0], require_checksum=True)

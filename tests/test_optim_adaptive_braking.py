@@ -1,4 +1,4 @@
-"""Adaptive Braking (arXiv 2007.01397; ALGORITHMS.md §5): reference tests."""
+"""Adaptive Braking (arXiv 2007.01397; docs/algorithms.md §5): reference tests."""
 from __future__ import annotations
 
 import copy
@@ -130,7 +130,7 @@ def test_global_cosine_is_cosine_of_concatenation():
 # --- against a direct, slow reference of the formula --------------------------------------
 
 def _slow_reference(w0, grads_per_step, *, lr, m, rho, wd, damp, per_tensor):
-    """Python floats, element by element (arXiv 2007.01397 as in ALGORITHMS.md §5)."""
+    """Python floats, element by element (arXiv 2007.01397, docs/algorithms.md §5.1)."""
     w = [[float(x) for x in t.flatten()] for t in w0]
     v = [None for _ in w0]
     for grads in grads_per_step:

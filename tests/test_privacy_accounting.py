@@ -131,3 +131,47 @@ def test_delta_at_least_one_over_n_warns():
         calibrate_sigma(2.0, 1e-3, 0.1, 10, dataset_size=1000)
     with pytest.warns(PrivacyWarning):
         Accountant(0.01, dataset_size=100)
+
+
+def test_accountant_records_each_release_as_its_stage_declares_it():
+    """No name-based mapping: DP-SGD/DIFF2 releases are Poisson-subsampled at q, EF-DPSGD's are
+    unsampled (q = 1) whatever q the runtime passes; the ε is the library's for exactly that."""
+    import torch
+
+    from commlib.privacy import DPSGD, EFDPSGD, PrivacyPipeline, Release
+    from commlib.privacy.accounting import calibrate_stage_sigma, release_event
+
+    g = torch.randn(4, 6)
+    for stage, q_expected in [(DPSGD(1.0, 1.3, seed=0), 0.05), (EFDPSGD(1.0, 1.0, 1.3, seed=0), 1.0)]:
+        acc = Accountant(1e-5)
+        pipe = PrivacyPipeline(stage, accountant=acc, sample_rate=0.05, normalizer=4.0)
+        for _ in range(7):
+            pipe.release(lambda at: g, [])
+        assert acc.ledger == [[1.3, q_expected, 7]]
+        assert acc.epsilon == pytest.approx(epsilon(1.3, 1e-5, q_expected, 7), rel=1e-12)
+    d2 = DIFF2Worker(1.0, 0.1, 1.2, 2.5, period=3, seed=0)
+    acc = Accountant(1e-5)
+    pipe = PrivacyPipeline(d2, accountant=acc, sample_rate=0.1, normalizer=4.0)
+    for _ in range(10):
+        pipe.release(lambda at: g, [torch.zeros(1)])
+    assert acc.epsilon == pytest.approx(diff2_epsilon(1.2, 2.5, 1e-5, 0.1, 10, 3), rel=1e-12)
+    # calibration follows the same declaration
+    assert calibrate_stage_sigma(EFDPSGD, 3.0, 1e-5, 0.05, 50) == pytest.approx(calibrate_sigma(3.0, 1e-5, 1.0, 50))
+    assert calibrate_stage_sigma(DPSGD, 3.0, 1e-5, 0.05, 50) == pytest.approx(calibrate_sigma(3.0, 1e-5, 0.05, 50))
+    with pytest.raises(ConfigError, match="protects nothing"):
+        release_event(Release("gradient", 1.0, math.inf, True))
+    with pytest.raises(ConfigError, match="no release"):
+        Accountant(1e-5).record_release(None)
+
+
+def test_subsampled_accounting_refuses_the_realised_batch_size():
+    """Poisson batches: the realised size is data-dependent, so it cannot be the normaliser."""
+    from commlib.errors import ConfigError
+    from commlib.privacy import DPSGD
+    from commlib.privacy.accounting import Accountant
+    from commlib.privacy.pipeline import PrivacyPipeline
+
+    with pytest.raises(ConfigError, match="public normaliser"):
+        PrivacyPipeline(DPSGD(clip=1.0, sigma=1.0, seed=0), accountant=Accountant(1e-5), sample_rate=0.1)
+    PrivacyPipeline(DPSGD(clip=1.0, sigma=1.0, seed=0), accountant=Accountant(1e-5), sample_rate=0.1,
+                    normalizer=10.0)  # q·N given: fine

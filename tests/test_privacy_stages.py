@@ -86,25 +86,30 @@ def test_dpsgd_empty_batch_releases_noise_and_refusals():
 # ------------------------------------------------------------------ EF-DPSGD / DiceSGD
 
 def test_efdpsgd_matches_direct_reference_recursion():
+    # summed scale (reference code 564612540/DiceSGD): s = Σclip(g, C₁) + clip(e, C₂), v = (s + w)/B,
+    # e ← e + Σg − s, noise std σ(C₁ + 2C₂) on the sum. (The old test encoded the mean-scale
+    # version with noise σC₁√(1 + 2C₂/C₁)/B, which under-noised.)
     c1, c2, sigma, seed, b = 0.5, 1.5, 0.7, 9, 8
     stage = EFDPSGD(clip1=c1, clip2=c2, sigma=sigma, seed=seed)
     ref_noise = GaussianNoise(1.0, seed=seed)
     e = torch.zeros(12, dtype=torch.float64)
-    std = sigma * c1 / b * math.sqrt(1 + 2 * c2 / c1)
+    std = sigma * (c1 + 2 * c2) / b
     for t in range(10):
         g = _grads(100 + t)
-        # Zhang et al. 2024, Alg. 1, written out directly.
-        v = _ref_clipped_mean(g, c1, b) + _ref_clip(e, c2)
-        expected_out = v + ref_noise.sample(12, std=std, dtype=torch.float64)
-        e = e + g.sum(0) / b - v
+        # Zhang et al. 2024, Alg. 1, written out directly on the summed scale.
+        s = _ref_clipped_mean(g, c1, 1.0) + _ref_clip(e, c2)
+        expected_out = s / b + ref_noise.sample(12, std=std, dtype=torch.float64)
+        e = e + g.sum(0) - s
         out = stage.step(g)
         torch.testing.assert_close(out, expected_out)
         torch.testing.assert_close(stage.error, e)
     assert stage.last_noise_multiplier == sigma
+    rel = stage.last_release
+    assert rel.sensitivity == pytest.approx((c1 + 2 * c2) / b) and not rel.subsampled
 
 
 def test_efdpsgd_error_feedback_removes_clipping_bias():
-    """Σ_t v_t = Σ_t ḡ_t − e_T (telescoping of e_{t+1} = e_t + ḡ_t − v_t)."""
+    """B·Σ_t v_t = Σ_t Σ_i g_i − e_T (telescoping of e_{t+1} = e_t + Σg − s_t), noise off."""
     stage = EFDPSGD(clip1=0.3, clip2=0.6, sigma=0.0)
     sum_v = torch.zeros(12, dtype=torch.float64)
     sum_g = torch.zeros(12, dtype=torch.float64)
@@ -112,7 +117,7 @@ def test_efdpsgd_error_feedback_removes_clipping_bias():
         g = _grads(200 + t)
         sum_v += stage.step(g)
         sum_g += g.mean(0)
-    torch.testing.assert_close(sum_v, sum_g - stage.error)
+    torch.testing.assert_close(sum_v * 8, sum_g * 8 - stage.error)
     # and DP-SGD's clipped sum is biased: it misses what EF recovers
     dpsgd = DPSGD(clip=0.3, sigma=0.0)
     sum_clip = sum(dpsgd.step(_grads(200 + t)) for t in range(25))
@@ -123,7 +128,7 @@ def test_efdpsgd_noise_std_and_state_round_trip():
     d, b = 100_000, 10
     stage = EFDPSGD(clip1=1.0, clip2=2.0, sigma=1.2, seed=3)
     out = stage.step(torch.zeros(b, d))
-    assert _chi2_std_ok(out, 1.2 * 1.0 / b * math.sqrt(5.0))
+    assert _chi2_std_ok(out, 1.2 * (1.0 + 2 * 2.0) / b)
     a = EFDPSGD(clip1=0.5, clip2=0.5, sigma=0.3, seed=1)
     a.step(_grads(1))
     st = a.state_dict()
@@ -131,6 +136,16 @@ def test_efdpsgd_noise_std_and_state_round_trip():
     b2 = EFDPSGD(clip1=0.5, clip2=0.5, sigma=0.3, seed=99)
     b2.load_state_dict(st)
     torch.testing.assert_close(b2.step(_grads(2)), x)
+
+
+def test_efdpsgd_error_clip_ratio_option():
+    a = EFDPSGD(0.5, sigma=1.0, error_clip_ratio=3.0)
+    assert a.clip2 == 1.5 and a.error_clip_ratio == 3.0
+    assert EFDPSGD(0.5, sigma=1.0).clip2 == 0.5  # default C₂ = C₁ (the reference code's)
+    with pytest.raises(ConfigError, match="not both"):
+        EFDPSGD(0.5, 1.0, 1.0, error_clip_ratio=2.0)
+    with pytest.raises(ConfigError, match="sigma"):
+        EFDPSGD(0.5, 0.5)
 
 
 def test_efdpsgd_refusals_and_no_clip_is_plain_mean():

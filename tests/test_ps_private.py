@@ -263,3 +263,16 @@ def test_private_ps_server_crash_around_a_resync_keeps_noise_fresh_and_diff2_in_
     assert _replays(noise_draws) == 0
     rounds = {w: st.round for w, st in job.task.stages.items()}
     assert set(rounds.values()) == {server_task._server.round}, (rounds, server_task._server.round)
+
+
+def test_ps_private_efdpsgd_is_accounted_unsampled():
+    from commlib.privacy.accounting import epsilon
+
+    spec = {"name": "private", "task": INNER, "stage": {"name": "efdpsgd", "clip1": 1.0, "sigma": 3.0,
+                                                        "error_clip_ratio": 2.0}, "seed": 4, "delta": 1e-5}
+    cfg = PSConfig(steps=4, step_timeout=20.0, optimizer={"name": "sgd", "lr": 0.1})
+    res = InprocJob(spec, {"compressor": "identity"}, cfg, 2).run()
+    for w, reports in res["worker_reports"].items():
+        priv = reports[-1]["privacy"]
+        assert priv["releases"] == 4
+        assert priv["epsilon"] == pytest.approx(epsilon(3.0, 1e-5, 1.0, 4), rel=1e-9)

@@ -1,12 +1,10 @@
-"""Robust aggregation rules on an (n, d) stack (ALGORITHMS.md §6).
+"""Robust aggregation rules on an (n, d) stack (docs/algorithms.md §6).
 
 Every rule is registered in ``AGGREGATORS`` and built by name with options, e.g.
 ``AGGREGATORS.build("nnm", f=2, base="trimmed-mean")``. Inputs: an (n, d) float32/float64
 stack (never modified); call ``drop_nonfinite`` first (see nonfinite.py for the policy).
 
-Citations: the section/algorithm/definition numbers in the module docstrings were not all
-re-checked against the papers while writing this package (the ones known unchecked say so);
-the formulas are checked by tests against direct references and against byzfl.
+Sources, known answers and options of every rule: docs/algorithms.md §6.
 """
 from commlib.aggregate.base import AGGREGATORS, Aggregator, Mean  # noqa: F401
 from commlib.aggregate.bucketing import Bucketing  # noqa: F401

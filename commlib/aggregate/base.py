@@ -65,6 +65,15 @@ class Aggregator(ABC):
             raise ConfigError(f"{self.name} is stateless; got state keys {sorted(state)}")
 
 
+def mean_divisor(n: int, received: float, increments: bool) -> float:
+    """What the sum of the received contributions is divided by to form the mean: ``n`` when
+    the feedback sends increments (EF21 family: a silent worker is a zero increment, so the
+    server's state keeps tracking the mean of all n workers' states), otherwise the number of
+    contributions ``received`` (0 when none arrived: the caller returns zeros).
+    Every runtime's mean (``SchemeServer.decode_group``, the DDP all-reduce path) uses this."""
+    return n if increments else received
+
+
 @AGGREGATORS.register("mean", "average")
 class Mean(Aggregator):
     """Plain average (not robust)."""

@@ -3,7 +3,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 
@@ -13,8 +13,11 @@ from commlib.aggregate.robust import BaseSpec, PreAggregator, RobustAggregator
 from commlib.errors import ConfigError
 
 
-def clip_scales(norms: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """min(1, threshold / norm) per vector (1 for zero vectors)."""
+def clip_scales(norms: torch.Tensor, threshold: Union[torch.Tensor, float]) -> torch.Tensor:
+    """min(1, threshold / norm) per vector (1 for zero vectors; 0 for an infinite norm).
+
+    The one clip factor of the package: robust clipping rules here and the per-sample clipping
+    of the privacy stages (``commlib.privacy.clipping.clip_factors``) use it."""
     return torch.where(norms > threshold, threshold / norms.clamp(min=torch.finfo(norms.dtype).tiny),
                        torch.ones_like(norms))
 
@@ -22,8 +25,7 @@ def clip_scales(norms: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
 @AGGREGATORS.register("centered-clipping", "cclip")
 class CenteredClipping(RobustAggregator):
     """Centered clipping (Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust
-    Optimization", ICML 2021, arXiv 2012.10333; the centered clipping update, whose equation
-    number was not verified here):
+    Optimization", ICML 2021, arXiv 2012.10333, the centered clipping update):
 
         v_{l+1} = v_l + (1/n) sum_i (x_i - v_l) min(1, tau / ||x_i - v_l||),   l = 0..L-1
 

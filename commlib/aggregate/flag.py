@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from commlib.aggregate.base import AGGREGATORS
-from commlib.aggregate.points import Points, chunk_columns
+from commlib.aggregate.points import Points, chunk_columns, product_dtype
 from commlib.aggregate.robust import RobustAggregator
 from commlib.errors import ConfigError
 
@@ -71,10 +71,10 @@ def _source_products(x: torch.Tensor, zrows: "_ZRows") -> Tuple[torch.Tensor, to
 
     Flag needs inner products of unit vectors, not distances, so no centring (and no copy of
     the stack) is needed: on CPU, float32 products on views of the stack summed in float64
-    per chunk; on CUDA or for float64 stacks, float64 products."""
+    per chunk; on CUDA, for float64 stacks or huge entries, float64 products."""
     n, d = x.shape
     r = zrows.r
-    work = torch.float64 if (x.dtype == torch.float64 or x.device.type == "cuda") else x.dtype
+    work = product_dtype(x)
     gx = torch.zeros(n, n, dtype=torch.float64, device=x.device)
     zx = torch.zeros(r, n, dtype=torch.float64, device=x.device)
     ztz = torch.zeros(r, r, dtype=torch.float64, device=x.device)

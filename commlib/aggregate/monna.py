@@ -27,6 +27,14 @@ from commlib.aggregate.robust import BaseSpec
 from commlib.errors import ConfigError
 
 
+def polyak_momentum_(m: torch.Tensor, grad: torch.Tensor, beta: float) -> torch.Tensor:
+    """m <- beta m + (1 - beta) g, in place; returns m (MoNNA, Algorithm 1, local step).
+
+    The one implementation of worker momentum: ``WorkerMomentum``, the ``momentum`` feedback
+    and the decentralised ``MoNNAMixer`` all call it (docs/algorithms.md §2.7, §6.3)."""
+    return m.mul_(beta).add_(grad if grad.dtype == m.dtype else grad.to(m.dtype), alpha=1.0 - beta)
+
+
 class WorkerMomentum:
     """Per-key worker momentum m <- beta m + (1 - beta) g (MoNNA, Algorithm 1, local step)."""
 
@@ -44,8 +52,7 @@ class WorkerMomentum:
             self.momenta[key] = m
         elif m.shape != grad.shape:
             raise ConfigError(f"momentum for key {key!r} has shape {tuple(m.shape)}, gradient {tuple(grad.shape)}")
-        m.mul_(self.beta).add_(grad.to(m.dtype), alpha=1.0 - self.beta)
-        return m.clone()
+        return polyak_momentum_(m, grad, self.beta).clone()
 
     def state_dict(self) -> Dict[str, Any]:
         return {"beta": self.beta, "momenta": {k: v.clone() for k, v in self.momenta.items()}}

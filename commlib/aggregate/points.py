@@ -25,6 +25,23 @@ _CPU_CHUNK_ELEMS = 1 << 19  # elements per chunk buffer on CPU (stays in cache)
 _GPU_CHUNK_ELEMS = 1 << 26
 
 
+#: Largest |entry| for which float32 products of centred rows, summed over one chunk, cannot
+#: overflow (4 * 2^100 * 2^19 columns < float32's max 2^128); beyond it products run in float64.
+_FLOAT32_PRODUCT_PEAK = 2.0 ** 50
+
+
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype inner products of the rows of ``x`` are computed in, before float64 sums.
+
+    float64 on CUDA and for float64 stacks; on CPU the stack's float32 (fast) unless an entry is
+    so large that a product could overflow: a finite Byzantine row near float32's range must not
+    turn its distances into Inf (which would make it look *close*, or give NaN weights)."""
+    if x.dtype == torch.float64 or x.device.type == "cuda" or x.numel() == 0:
+        return torch.float64
+    lo, hi = torch.aminmax(x)
+    return torch.float64 if max(-float(lo), float(hi)) > _FLOAT32_PRODUCT_PEAK else x.dtype
+
+
 def chunk_columns(rows: int, device: torch.device, elems: Optional[int] = None) -> int:
     """Columns per chunk so that a (rows, chunk) buffer holds about ``elems`` elements."""
     if elems is None:
@@ -58,8 +75,9 @@ class Source:
 
     def _compute(self) -> torch.Tensor:
         x, n, d = self.stack, self.n, self.d
-        # CPU: float32 products of centred rows, summed in float64 per chunk; CUDA: float64.
-        work = torch.float64 if (x.dtype == torch.float64 or x.device.type == "cuda") else x.dtype
+        # CPU: float32 products of centred rows, summed in float64 per chunk; CUDA (or huge
+        # entries): float64 products.
+        work = product_dtype(x)
         chunk = chunk_columns(n + 1, x.device)
         acc = torch.zeros(n + 1, n + 1, dtype=torch.float64, device=x.device)
         buf = torch.empty(n + 1, min(chunk, max(d, 1)), dtype=work, device=x.device)

@@ -1,4 +1,4 @@
-"""Byzantine behaviours for tests, simulation and benchmarks (ALGORITHMS.md §6).
+"""Byzantine behaviours for tests, simulation and benchmarks (docs/algorithms.md §6.5).
 
 Registered in ``ATTACKS``; applied to chosen ranks with ``AttackPlan``.
 """

@@ -1,5 +1,5 @@
 """Cyclic repetition gradient code (Tandon et al., ICML 2017, cyclic repetition scheme; random
-construction of B as in ALGORITHMS.md §3 and the authors' code rashisht1/gradient_coding)."""
+construction of B; docs/algorithms.md §3)."""
 from __future__ import annotations
 
 from typing import FrozenSet, List, Optional

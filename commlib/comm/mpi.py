@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 from typing import List, Optional, Tuple
 
+from commlib.comm.auth import FrameAuth
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, TRANSPORTS, Received, Transport
 from commlib.errors import ConfigError
 
@@ -40,14 +41,18 @@ class MPITransport(Transport):
         poll_interval: longest sleep between two probes while waiting (the wait starts at
             50 microseconds and doubles up to this bound).
         max_pending: completed-send bookkeeping is pruned when more sends than this are pending.
+        auth: the job key (default ``"env"``: from ``COMMLIB_SECRET`` / ``COMMLIB_SECRET_FILE``,
+            required unless ``COMMLIB_AUTH=none``; see ``commlib/comm/auth.py``); None: no authentication.
     """
 
     def __init__(self, comm=None, *, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 poll_interval: float = 0.002, max_pending: int = 256) -> None:
+                 poll_interval: float = 0.002, max_pending: int = 256,
+                 auth: "FrameAuth | str | None" = "env") -> None:
         MPI = _mpi()
         self._MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
-        super().__init__(self.comm.Get_rank(), self.comm.Get_size(), max_message_bytes)
+        super().__init__(self.comm.Get_rank(), self.comm.Get_size(), max_message_bytes,
+                         auth=FrameAuth.from_env() if auth == "env" else auth)
         if poll_interval <= 0:
             raise ConfigError(f"poll_interval must be > 0, got {poll_interval}")
         self.poll_interval = float(poll_interval)
@@ -77,7 +82,7 @@ class MPITransport(Transport):
             if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
                 src = status.Get_source()
                 n = status.Get_count(MPI.BYTE)
-                if not 0 < n <= self.max_message_bytes:
+                if not 0 < n <= self.wire_max_bytes:
                     # consume and discard it so the stream goes on; the size alone is bad
                     sink = bytearray(max(n, 0))
                     self.comm.Recv([sink, MPI.BYTE], source=src, tag=TAG)

@@ -22,6 +22,7 @@ import os
 import threading
 from typing import Any, Dict, List, Optional, Tuple
 
+from commlib.comm.auth import AUTH_OVERHEAD
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, Received, Transport
 from commlib.comm.bundle import Bundled, pack_bundle, unpack_bundle, unpack_ranks
 from commlib.comm.ray_transport import LocalInbox, _ray
@@ -32,8 +33,8 @@ class _BundleMailboxImpl:
     """The driver's inbox as an actor: takes bundles in, hands out everything waiting."""
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self.max_message_bytes = int(max_message_bytes)
-        self.inbox = LocalInbox(max_message_bytes)
+        self.max_message_bytes = int(max_message_bytes) + AUTH_OVERHEAD  # sealed messages on the wire
+        self.inbox = LocalInbox(self.max_message_bytes)
         self.refused = 0
 
     def deliver_bundle(self, blob: bytes) -> bytes:
@@ -167,7 +168,7 @@ class BundleRayTransport(Transport):
             if not raw:
                 return None
             try:
-                items = unpack_bundle(raw, self.max_message_bytes)
+                items = unpack_bundle(raw, self.wire_max_bytes)
             except PayloadError:
                 self._count(dropped=1)
                 return None

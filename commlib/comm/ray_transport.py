@@ -15,22 +15,30 @@ A dead peer shows up as a failed delivery (``RayActorError``), found when the tr
 its recent calls; the peer is then marked dead and ``send`` returns False until
 :meth:`RayTransport.set_peer` installs a restarted actor for that rank.
 
-Local Ray and authentication: Ray 2.60 turns on token authentication for a new local cluster
-(writing a token under ``~/.ray``). :func:`ray_start` without an address starts a cluster that
-listens on 127.0.0.1 only and, unless ``RAY_AUTH_MODE`` is already set, sets it to ``disabled``
-for that cluster: with the node bound to loopback, only processes on this machine can reach
-it. Joining a cluster by ``address=`` never changes the authentication mode (use the token the
-cluster requires). Ray's files go under ``$COMMLIB_TMP/ray`` (default ``.tmp/ray``).
+Local Ray and authentication. Ray 2.60's gRPC servers (GCS, raylet, workers) and its agents
+listen on all interfaces whatever ``_node_ip_address`` says (it even replaces 127.0.0.1 by the
+host's address), and the dashboard agent starts even without the dashboard. So
+:func:`ray_start` without an address turns on Ray's own token authentication
+(``RAY_AUTH_MODE=token`` and a fresh 256-bit ``RAY_AUTH_TOKEN`` per job, unless the caller set
+a mode or a token): a process without the token can neither join through the GCS nor use the
+agents' HTTP APIs (job submission). It starts no dashboard (``include_dashboard=False``), and a
+watchdog (``commlib/comm/ray_reaper.py``) kills every process of that Ray when the driver
+exits or is killed. Frames between ranks are also sealed with the job secret
+(``commlib/comm/auth.py``). Joining a cluster by ``address=`` never changes the authentication
+mode (use the token the cluster requires). Ray's files go under ``$COMMLIB_TMP/ray`` (default
+``.tmp/ray``).
 """
 from __future__ import annotations
 
 import os
 import queue
+import secrets
 import struct
 import threading
 import time
 from typing import Any, Dict, List, Optional
 
+from commlib.comm.auth import AUTH_OVERHEAD, FrameAuth
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, TRANSPORTS, Received, Transport
 from commlib.errors import ConfigError
 
@@ -51,24 +59,56 @@ def ray_temp_dir() -> str:
     return path
 
 
+_REAPER = None
+
+
+def local_ray_env(env=None) -> Dict[str, str]:
+    """Turn on Ray's token authentication for a local cluster (``RAY_AUTH_MODE=token`` with a
+    fresh ``RAY_AUTH_TOKEN`` for this job) unless the caller chose a mode or a token already."""
+    env = os.environ if env is None else env
+    env.setdefault("RAY_AUTH_MODE", "token")
+    if env["RAY_AUTH_MODE"].lower() == "token" and not (env.get("RAY_AUTH_TOKEN") or env.get("RAY_AUTH_TOKEN_PATH")):
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    return {k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN") if k in env}
+
+
+def _reload_ray_auth_config() -> None:
+    """Ray reads ``RAY_AUTH_MODE`` into its C++ config when it is imported; make an already
+    imported Ray see the mode and token set after that (what Ray's own test helpers do)."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader, Config
+    except ImportError:  # another Ray version: it reads the environment at init
+        return
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
 def ray_start(address: Optional[str] = None, num_cpus: Optional[int] = None, **init_kw: Any) -> bool:
     """Start (or join) Ray once per process; returns True when this call initialised it.
 
-    ``address=None`` starts a local cluster bound to 127.0.0.1 (see the module docstring on
-    authentication); ``address="auto"`` or ``"ray://host:10001"``/``"host:6379"`` joins one.
+    ``address=None`` starts a local cluster with token authentication, no dashboard, and a
+    watchdog that kills every process of it when this process ends (see the module
+    docstring); ``address="auto"`` or ``"ray://host:10001"``/``"host:6379"`` joins one.
     """
+    global _REAPER
     ray = _ray()
     if ray.is_initialized():
         return False
     kw: Dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
     kw.update(init_kw)
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if local_ray_env().get("RAY_AUTH_MODE", "").lower() == "token":
+            _reload_ray_auth_config()
         kw.setdefault("_node_ip_address", "127.0.0.1")
         kw.setdefault("_temp_dir", ray_temp_dir())
+        kw.setdefault("dashboard_host", "127.0.0.1")
         if num_cpus is not None:
             kw["num_cpus"] = int(num_cpus)
         ray.init(**kw)
+        if _REAPER is None or _REAPER.poll() is not None:
+            from commlib.comm.ray_reaper import start_reaper
+
+            _REAPER = start_reaper(os.path.dirname(os.path.abspath(ray.__file__)))
     else:
         ray.init(address=address, **kw)
     return True
@@ -92,7 +132,7 @@ class LocalInbox:
     seconds (a message lost with a dying sender) is skipped and counted.
     """
 
-    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, gap_timeout: float = 30.0) -> None:
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES + AUTH_OVERHEAD, gap_timeout: float = 30.0) -> None:
         self.max_message_bytes = int(max_message_bytes)
         self.gap_timeout = float(gap_timeout)
         self._q: "queue.Queue[Received]" = queue.Queue()
@@ -166,7 +206,7 @@ class _MailboxImpl:
     """An inbox as its own actor (for a rank that is not an actor, e.g. the driver)."""
 
     def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        self.inbox = LocalInbox(max_message_bytes)
+        self.inbox = LocalInbox(max_message_bytes + AUTH_OVERHEAD)
 
     def deliver(self, src: int, stream: int, seq: int, data: bytes) -> bool:
         return self.inbox.deliver(src, stream, seq, data)
@@ -191,13 +231,18 @@ def mailbox_actor(**options: Any):
 @TRANSPORTS.register("ray")
 class RayTransport(Transport):
     """One rank's endpoint: ``peers`` maps rank -> actor handle with ``deliver``; ``inbox`` is a
-    :class:`LocalInbox` (inside an actor) or a Mailbox actor handle (in the driver)."""
+    :class:`LocalInbox` (inside an actor) or a Mailbox actor handle (in the driver). ``auth``:
+    the job key (default ``"env"``: from ``COMMLIB_SECRET``, required unless ``COMMLIB_AUTH=none``;
+    ``commlib/comm/auth.py``): a process inside the Ray cluster that calls ``deliver`` without
+    it gets nothing accepted."""
 
     _REAP_EVERY = 32
 
     def __init__(self, rank: int, world_size: int, peers: Dict[int, Any], inbox: Any, *,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
-        super().__init__(rank, world_size, max_message_bytes)
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 auth: "FrameAuth | str | None" = "env") -> None:
+        super().__init__(rank, world_size, max_message_bytes,
+                         auth=FrameAuth.from_env() if auth == "env" else auth)
         self._ray = _ray()
         self._inbox = inbox
         self._local = isinstance(inbox, LocalInbox)

@@ -21,6 +21,16 @@ How it stays responsive with a slow or dead peer (measured on gloo, torch 2.13):
   closed by peer"; the threads of that peer stop, it is marked dead and ``send`` returns False.
   The other peers are unaffected.
 
+Authentication and binding: every message is sealed with HMAC-SHA256 under the job secret
+(``COMMLIB_SECRET`` / ``COMMLIB_SECRET_FILE``, see ``commlib/comm/auth.py``); a rank without
+it can join the process group but nothing it sends is accepted. torch's rendezvous store has
+no authentication of its own. :func:`init_from_env` binds gloo's listening sockets to
+``COMMLIB_BIND_ADDR`` (default: ``MASTER_ADDR`` when that is a loopback address, else torch's
+choice from the host name or ``GLOO_SOCKET_IFNAME``), and outside torchrun it runs the
+rendezvous store itself on a socket bound to that address (torch's own store listens on all
+interfaces). Under torchrun the store is torchrun's (``--rdzv-endpoint``): it listens on all
+interfaces and torch offers no option to change that, so its port must be firewalled.
+
 The process group's own timeout bounds a single blocking wait; :func:`init_from_env` sets it
 to a week (a silent peer is the parameter server's business, not gloo's). On NCCL the
 tensors live on ``cuda:LOCAL_RANK``; NCCL itself does not survive a dead peer (its watchdog
@@ -31,8 +41,10 @@ with ``--max-restarts``, restart) the whole group; see README "Parameter server"
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import queue
+import socket
 import threading
 import time
 from typing import Dict, Iterable, Optional
@@ -40,8 +52,11 @@ from typing import Dict, Iterable, Optional
 import torch
 import torch.distributed as dist
 
+from commlib.comm.auth import FrameAuth
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, TRANSPORTS, Received, Transport, TransportError
 from commlib.errors import ConfigError
+
+BIND_ENV = "COMMLIB_BIND_ADDR"
 
 MAGIC = 0x434C_5450_5446_3031  # "CLTPTF01"
 TAG_HEADER = 11
@@ -50,8 +65,66 @@ _STOP = object()
 _GOODBYE = b""  # a zero-length message: "this endpoint is closing" (never given to recv)
 
 
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and ``localhost``."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_address(env=None) -> Optional[str]:
+    """Where this rank's listening sockets bind: ``COMMLIB_BIND_ADDR``, else ``MASTER_ADDR`` when it
+    is a loopback address (a single-machine job), else None (torch's default)."""
+    env = os.environ if env is None else env
+    if env.get(BIND_ENV):
+        return env[BIND_ENV]
+    master = env.get("MASTER_ADDR", "")
+    return "127.0.0.1" if master and is_loopback(master) else None
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} for the rendezvous store ({exc})") from None
+    return sock
+
+
+def init_process_group_bound(backend: str, rank: int, world_size: int, master_addr: str, master_port: int,
+                             bind: Optional[str], timeout: datetime.timedelta, **kw) -> None:
+    """``init_process_group`` whose rendezvous store (rank 0) and gloo sockets listen on ``bind``
+    only (None: torch's defaults). The store is a ``TCPStore`` on a socket we bound ourselves."""
+    store = None
+    if bind is not None:
+        if rank == 0:
+            sock = _listening_socket(bind, int(master_port))
+            # the store takes the descriptor over (Python must not close it under the store)
+            store = dist.TCPStore(master_addr, int(master_port), world_size, True, timeout=timeout,
+                                  master_listen_fd=sock.detach())
+        else:
+            store = dist.TCPStore(master_addr, int(master_port), world_size, False, timeout=timeout)
+    if bind is not None and backend == "gloo":
+        opts = dist.ProcessGroupGloo._Options()
+        opts._timeout = timeout
+        opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
+        kw["pg_options"] = opts
+    if store is None:
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, **kw)
+    else:
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout, **kw)
+
+
 def init_from_env(backend: Optional[str] = None, timeout_s: float = 7 * 24 * 3600.0) -> bool:
-    """Initialise the default process group from torchrun's environment (if not done yet).
+    """Initialise the default process group from torchrun's environment (if not done yet),
+    with listening sockets bound as :func:`bind_address` says.
 
     Returns True when this call created the group (the transport then destroys it on close).
     """
@@ -65,7 +138,20 @@ def init_from_env(backend: Optional[str] = None, timeout_s: float = 7 * 24 * 360
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         kw["device_id"] = torch.device("cuda", local)
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kw)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    bind = bind_address()
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent already runs the store: only the gloo sockets can be bound here
+        if bind is not None and backend == "gloo":
+            opts = dist.ProcessGroupGloo._Options()
+            opts._timeout = timeout
+            opts._devices = [dist.ProcessGroupGloo.create_device(hostname=bind)]
+            kw["pg_options"] = opts
+        dist.init_process_group(backend, timeout=timeout, **kw)
+    else:
+        init_process_group_bound(backend, rank, world, os.environ.get("MASTER_ADDR", "127.0.0.1"),
+                                 int(os.environ.get("MASTER_PORT", "29500")), bind, timeout, **kw)
     return True
 
 
@@ -81,14 +167,18 @@ class TorchDistTransport(Transport):
         max_outbox: messages queued per destination before the oldest is dropped.
         owns_group: destroy the process group on close.
         close_timeout: longest wait in ``close`` for queued messages and the peers' goodbyes.
+        auth: the job key (default ``"env"``: :meth:`FrameAuth.from_env`, which refuses to start
+            without a secret unless ``COMMLIB_AUTH=none``); None: no authentication.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None, *, peers: Optional[Iterable[int]] = None,
                  device: Optional[torch.device] = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-                 max_outbox: int = 64, owns_group: bool = False, close_timeout: float = 10.0) -> None:
+                 max_outbox: int = 64, owns_group: bool = False, close_timeout: float = 10.0,
+                 auth: "FrameAuth | str | None" = "env") -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError("TorchDistTransport needs an initialised process group (see init_from_env)")
-        super().__init__(dist.get_rank(group), dist.get_world_size(group), max_message_bytes)
+        super().__init__(dist.get_rank(group), dist.get_world_size(group), max_message_bytes,
+                         auth=FrameAuth.from_env() if auth == "env" else auth)
         if int(max_outbox) < 1:
             raise ConfigError(f"max_outbox must be >= 1, got {max_outbox}")
         self.group = group
@@ -129,7 +219,7 @@ class TorchDistTransport(Transport):
                 magic, length = (int(v) for v in hdr.cpu().tolist())
                 if magic == MAGIC and length == 0:  # the peer closed its end: this thread is done
                     return
-                if magic != MAGIC or not 0 < length <= self.max_message_bytes:
+                if magic != MAGIC or not 0 < length <= self.wire_max_bytes:
                     # the stream from this peer can no longer be trusted to be in step
                     self._count(dropped=1)
                     raise TransportError(f"rank {self.rank}: bad message header from {src}: "

@@ -32,8 +32,8 @@ class TopK(Compressor):
 
 @COMPRESSORS.register("dgc", "sampled-topk")
 class DGCTopK(Compressor):
-    """Deep Gradient Compression's selection (Lin et al., ICLR 2018, arXiv 1712.01887; §1 step 3
-    of ALGORITHMS.md, as in the reference dgc/compression.py):
+    """Deep Gradient Compression's selection (Lin et al., ICLR 2018, arXiv 1712.01887; docs/algorithms.md
+    §1, as in the authors' reference dgc/compression.py):
 
     1. threshold = smallest of the top ceil(s * ratio) magnitudes of a strided sample of
        s = max(ceil(1% * d), ceil(2 / ratio)) entries;

@@ -20,7 +20,7 @@ from typing import Any, Dict, Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from commlib.aggregate.monna import monna_mix
+from commlib.aggregate.monna import monna_mix, polyak_momentum_
 from commlib.aggregate.nonfinite import drop_nonfinite
 from commlib.errors import ConfigError
 from commlib.scheme import Scheme
@@ -73,7 +73,7 @@ class MoNNAMixer:
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         g = self._flat(grads)
         if bool(torch.isfinite(g).all()):
-            self.momentum.mul_(self.beta).add_(g, alpha=1.0 - self.beta)  # Alg. 1: m_i = beta m_i + (1-beta) g_i
+            polyak_momentum_(self.momentum, g, self.beta)  # Alg. 1: m_i = beta m_i + (1-beta) g_i
             half = theta - self.lr * self.momentum  # theta_i' = theta_i - gamma m_i
         else:
             self.skipped += 1  # a non-finite local gradient: keep momentum, send the current model

@@ -11,9 +11,12 @@ that issue collectives from future callbacks):
      cannot overflow;
    - otherwise -> one all-gather of fixed-capacity packed Messages (capacity is the same on
      every rank because it follows from the scheme, so no size exchange and no hang when a
-     rank selects nothing);
+     rank selects nothing); with ``scheme.checksum`` (default for robust aggregators) every
+     payload carries a CRC-32 that every rank checks;
 3. server half (in the future's callback; touches only this bucket's keys): validate every
-   received message, aggregate, apply server state, write the direction into the bucket.
+   received message (layout, the value rule of commlib.wire for float32 and ``scheme.max_abs``,
+   the checksum), aggregate, apply server state, write the direction into the bucket. A
+   rejected message is counted per sender (``state.rejected_by_rank``) and left out.
 Every rank runs the same deterministic server half on the same bytes: bit-identical results.
 """
 
@@ -22,14 +25,17 @@ from typing import List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from commlib.aggregate.base import mean_divisor
 from commlib.compress.identity import FP16
 from commlib.errors import PayloadError
 from commlib.wire import Kind, Message, Payload
+from commlib.ddp.checks import check_hook_call
 from commlib.ddp.state import HookState
 
 
-def hook(state: HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP communication hook running ``state.scheme`` on one gradient bucket."""
+def hook(state: HookState, bucket: dist.GradBucket, *unexpected) -> torch.futures.Future[torch.Tensor]:
+    """DDP communication hook running ``state.scheme`` on one gradient bucket (DDP only: FSDP is refused)."""
+    check_hook_call(state, bucket, unexpected)
     return run_group(state, bucket.index(), bucket.buffer(), bucket.parameters(), bucket.is_last())
 
 
@@ -176,7 +182,7 @@ def _allreduce(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
         cnt = summed[total:].to(torch.float64).round().tolist()
         aggs = []
         for j, s in enumerate(secs):
-            div = n if fb.increments else cnt[j]  # values were pre-divided by n
+            div = mean_divisor(n, cnt[j], fb.increments)  # values were pre-divided by n
             if not div:
                 aggs.append(torch.zeros_like(s, dtype=buf.dtype))
                 continue
@@ -196,21 +202,23 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
     capacity = (capacity + 7) & ~7
     send = state.buffer(("ag-send", tag), capacity, torch.uint8, buf.device)
     msg = Message(payloads, sender=state.rank, step=worker.step)
-    msg.encode_into(send)
+    checksum = state.scheme.checksum  # from the configuration: the same on every rank
+    msg.encode_into(send, checksum=checksum)
     worker.record(payloads, dense_bytes=buf.numel() * buf.element_size())
     _set_wire_bytes(state, capacity)
     recv = state.buffer(("ag-recv", tag), capacity * n, torch.uint8, buf.device)
     work = _all_gather_flat(recv, send, group)
     server = state.server
     step = worker.step
-    finite = "reject"
+    max_abs = state.scheme.max_abs
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         rows = recv.view(n, capacity)
         received: List[List[Optional[Payload]]] = []
         for r in range(n):
             try:
-                m = Message.decode_from(rows[r], finite=finite, numels=numels)
+                m = Message.decode_from(rows[r], finite="reject", numels=numels, require_checksum=checksum,
+                                        target=torch.float32, max_abs=max_abs)
                 if m.sender != r or m.step != step:
                     raise PayloadError(f"message from rank {r} claims sender {m.sender}, step {m.step}")
                 received.append(list(m.payloads))

@@ -1,5 +1,6 @@
-"""Differential privacy in the DDP runtime: each rank privatises its own contribution
-(per-sample clipping + noise, EF-DPSGD or DIFF2) before anything leaves it, then the scheme
+"""Differential privacy in the DDP runtime: each rank privatises its own contribution through
+the privacy pipeline (``commlib.privacy.pipeline``: per-sample grads -> stage -> accountant)
+before anything leaves it, then the scheme
 (compression, robust aggregation) moves the privatised vectors with the same collectives as
 the DDP hook. Compressing after the noise is post-processing: it costs no privacy.
 
@@ -21,18 +22,19 @@ import torch.distributed as dist
 from commlib.ddp.hooks import sync_gradients
 from commlib.ddp.state import HookState
 from commlib.errors import ConfigError
+from commlib.privacy.base import PrivacyStage
 from commlib.privacy.per_sample import flatten, unflatten
 from commlib.privacy.trainer import PrivateTrainer
 from commlib.scheme import Scheme
 
 
-def _check_distinct_noise(stage: Any, group: Optional[dist.ProcessGroup]) -> None:
+def _check_distinct_noise(stage: PrivacyStage, group: Optional[dist.ProcessGroup]) -> None:
     """Refuse ranks that draw identical noise: the difference of two such messages would
-    reveal their clipped-gradient difference with no noise at all."""
-    noise = getattr(stage, "noise", None)
-    if noise is None or getattr(noise, "secure", False) or getattr(noise, "_gen", None) is None:
-        return
-    mine = torch.tensor([noise._gen.initial_seed() & ((1 << 62) - 1)], dtype=torch.int64)
+    reveal their clipped-gradient difference with no noise at all. CSPRNG noise (no seed)
+    takes part with a fingerprint of -1 - rank, so every rank runs the same collective."""
+    fingerprint = stage.noise_fingerprint()
+    rank = dist.get_rank(group)
+    mine = torch.tensor([-1 - rank if fingerprint is None else fingerprint], dtype=torch.int64)
     seeds = [torch.zeros_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(seeds, mine, group=group)
     values = [int(s) for s in seeds]
@@ -41,7 +43,7 @@ def _check_distinct_noise(stage: Any, group: Optional[dist.ProcessGroup]) -> Non
                           "(e.g. seed=base + rank) or use secure=True")
 
 
-def private_trainer(model: torch.nn.Module, loss_fn, stage, optimizer: Optional[torch.optim.Optimizer] = None, *,
+def private_trainer(model: torch.nn.Module, loss_fn, stage: PrivacyStage, optimizer: Optional[torch.optim.Optimizer] = None, *,
                     scheme: Optional[Scheme] = None, state: Optional[HookState] = None,
                     process_group: Optional[dist.ProcessGroup] = None, **trainer_kw: Any) -> PrivateTrainer:
     """A :class:`commlib.privacy.PrivateTrainer` whose released vectors are exchanged across the

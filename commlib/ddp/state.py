@@ -6,18 +6,25 @@ It holds this rank's worker half and its replica of the server half, keyed by pa
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Mapping, Optional
+import weakref
+from typing import Any, Dict, Mapping, Optional, Set
 
 import torch
 import torch.distributed as dist
 
+from commlib.ddp import checks
 from commlib.errors import ConfigError
 from commlib.scheme import CommStats, Scheme
 
 
 class HookState:
     """State for :func:`commlib.ddp.hook`; pass it to ``ddp_model.register_comm_hook(state, hook)``
-    (or to Lightning's ``DDPStrategy(ddp_comm_state=state, ddp_comm_hook=hook)``).
+    (Lightning: :class:`commlib.integrations.lightning.CommlibCallback`; Accelerate:
+    :func:`commlib.integrations.accelerate.register`).
+
+    Whatever the route, the first step of an optimizer that updates the hooked parameters runs
+    :func:`commlib.ddp.check_optimizer` (double momentum is refused), and a state whose hook
+    has not run by the first optimizer step gives a ``HookNotRunWarning``.
 
     Args:
         scheme: the Scheme to run (every rank must use the same one).
@@ -43,8 +50,12 @@ class HookState:
         self._lock = threading.Lock()
         self._buffers: Dict[Any, torch.Tensor] = {}
         self.rejected_by_rank: Dict[int, int] = {}
+        self.hook_runs = 0  # communication rounds this state has run (0: the hook never ran)
+        self._checked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
+        self._warned_not_run = False
         if model is not None:
             self.bind(model)
+        checks.watch(self)
 
     # -- lazy world info (the group may not exist when the state is built, e.g. in Lightning) --
     def _init_world(self) -> None:
@@ -90,6 +101,11 @@ class HookState:
         self._names = {id(p): n for n, p in module.named_parameters()}
         return self
 
+    @property
+    def param_ids(self) -> Set[int]:
+        """ids of the parameters this state knows (bound, or seen by the hook)."""
+        return set(self._names)
+
     def key_of(self, param: torch.Tensor) -> str:
         key = self._names.get(id(param))
         if key is None:
@@ -109,6 +125,7 @@ class HookState:
     def begin_bucket(self) -> None:
         if not self._in_step:
             self._in_step = True
+            self.hook_runs += 1
             self.worker.begin_step()
 
     def end_bucket(self, is_last: bool) -> None:
@@ -125,12 +142,17 @@ class HookState:
 
     # -- checkpointing ---------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """This rank's worker state + its server replica (save one per rank)."""
+        """This rank's worker state + its server replica (one per rank: worker state differs
+        per rank; :func:`commlib.ddp.gather_state` collects every rank's into one object)."""
         return {"worker": self.worker.state_dict(), "server": self.server.state_dict(),
                 "names": dict(sorted((n, i) for i, n in enumerate(self._names.values()))),
-                "scheme": self.scheme.describe()}
+                "scheme": self.scheme.describe(), "rank": self.rank, "world_size": self.world_size}
 
     def load_state_dict(self, sd: Mapping[str, Any]) -> None:
+        """Restore this rank's state. Refuses a state saved for another scheme, rank or world size."""
+        if not isinstance(sd, Mapping) or "worker" not in sd or "server" not in sd:
+            raise ConfigError("not a commlib HookState state_dict (expected keys 'worker', 'server', 'scheme'); "
+                              "for the output of commlib.ddp.gather_state use commlib.ddp.load_gathered_state")
         if sd.get("scheme") != self.scheme.describe():
             raise ConfigError(f"state was saved for {sd.get('scheme')}, this hook runs {self.scheme.describe()}")
         if self._worker is None:
@@ -139,5 +161,14 @@ class HookState:
             self._apply_state(sd)
 
     def _apply_state(self, sd: Mapping[str, Any]) -> None:
-        self._worker.load_state_dict(sd["worker"])
+        worker = sd["worker"]
+        rank = sd.get("rank", worker.get("rank") if isinstance(worker, Mapping) else None)
+        world = sd.get("world_size", worker.get("world_size") if isinstance(worker, Mapping) else None)
+        if world is None or int(world) != self.world_size:
+            raise ConfigError(f"hook state was saved with world size {world}, this run has {self.world_size}: "
+                              "error-feedback state is per rank and cannot be resharded")
+        if rank is None or int(rank) != self.rank:
+            raise ConfigError(f"hook state was saved by rank {rank}, this is rank {self.rank}: each rank must load "
+                              "its own (commlib.ddp.load_gathered_state picks it from a gathered checkpoint)")
+        self._worker.load_state_dict(worker)
         self._server.load_state_dict(sd["server"])

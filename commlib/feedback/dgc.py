@@ -1,4 +1,4 @@
-"""DGC momentum correction (Lin et al., ICLR 2018, arXiv 1712.01887, §3.2-3.3; ALGORITHMS.md §1).
+"""DGC momentum correction (Lin et al., ICLR 2018, arXiv 1712.01887, §3.2-3.3; docs/algorithms.md §2.1).
 
 Worker, per compressed tensor:
   local clipping (§3.3): g *= min(1, (max_norm / sqrt(n)) / ||g||)      (per tensor; off by default)
@@ -88,7 +88,7 @@ class DGCMomentum(Feedback):
     def server_step(self, state: State, aggregate: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if not ctx.dense:
             return aggregate
-        u = state.get("u")  # dense tensors: ordinary momentum after aggregation (§1 rule 6)
+        u = state.get("u")  # dense tensors: ordinary momentum after aggregation (docs/algorithms.md §2.1)
         if u is None:
             u = state["u"] = torch.zeros_like(aggregate)
         u.mul_(self.momentum).add_(aggregate)

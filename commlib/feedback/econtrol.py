@@ -1,4 +1,4 @@
-"""EControl (Gao, Islamov, Stich, ICLR 2024, arXiv 2312.16532, Alg. 1).
+"""EControl (Gao, Islamov, Stich, ICLR 2024, arXiv 2311.05645; docs/algorithms.md §2.6).
 
 Worker: Delta_i = C(eta e_i + g_i - h_i); e_i += g_i - h_i - Delta_i; h_i += Delta_i.
 Server: h += mean Delta_i; the optimizer steps along h. First step: h_i = g_i^0 uncompressed.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from commlib.aggregate.monna import polyak_momentum_
 from commlib.compress.base import Compressor
 from commlib.errors import ConfigError
 from commlib.feedback.base import FEEDBACKS, Feedback, State, StepContext
@@ -28,7 +29,7 @@ class WorkerMomentumFeedback(Feedback):
         m = state.get("m")
         if m is None:
             m = state["m"] = torch.zeros_like(grad)
-        m.mul_(self.beta).add_(grad, alpha=1.0 - self.beta)  # MoNNA Alg. 1: m_i = beta m_i + (1-beta) g_i
+        polyak_momentum_(m, grad, self.beta)
         p = self._compress(compressor, m, ctx)
         if p.values.untyped_storage().data_ptr() == m.untyped_storage().data_ptr():
             p.values = p.values.clone()

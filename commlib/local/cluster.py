@@ -1,6 +1,10 @@
-"""Spawn N worker processes on this machine with a gloo process group on loopback."""
+"""Spawn N worker processes on this machine with a gloo process group on loopback.
+
+The rendezvous store and gloo's sockets listen on 127.0.0.1 only
+(``commlib.comm.torch_dist.init_process_group_bound``)."""
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import traceback
@@ -10,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from commlib.comm.torch_dist import init_process_group_bound
 from commlib.errors import WorkerFailure
 
 
@@ -24,7 +29,8 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any], 
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(threads)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        init_process_group_bound("gloo", rank, world, "127.0.0.1", port, "127.0.0.1",
+                                 datetime.timedelta(minutes=30))
         fn(rank, world, *args)
     except BaseException:
         os.makedirs(errdir, exist_ok=True)

@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from commlib.local import data as datasets
 from commlib.local.models import MLP, accuracy, num_params
 from commlib.local.traffic import TrafficCounter
+from commlib.ps.checkpoint import load_plain, save_atomic
 
 BASELINES = ("allreduce", "torch-fp16", "torch-powersgd-1", "torch-powersgd-4")
 
@@ -79,12 +80,6 @@ def _install_comm(cfg: TrainConfig, ddp: DDP, opt: torch.optim.Optimizer):
     raise ValueError(f"unknown baseline {cfg.baseline!r}; choose from {BASELINES}")
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def run_rank(rank: int, world: int, cfg: TrainConfig) -> None:
     """Body of one worker process (the process group is already initialised)."""
     xtr, ytr, xte, yte = datasets.load(cfg.dataset, cfg.seed)
@@ -106,7 +101,7 @@ def run_rank(rank: int, world: int, cfg: TrainConfig) -> None:
     ckpt = os.path.join(cfg.out, f"ckpt_rank{rank}.pt")
     start_epoch = 0
     if cfg.resume and os.path.exists(ckpt):
-        ck = torch.load(ckpt, weights_only=False)
+        ck = load_plain(ckpt)  # weights_only: a tampered checkpoint is refused, never run
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         if state is not None and ck.get("hook"):
@@ -170,7 +165,7 @@ def run_rank(rank: int, world: int, cfg: TrainConfig) -> None:
                       f"{saved:6.1f}x less)")
         if cfg.checkpoint:
             os.makedirs(cfg.out, exist_ok=True)
-            _atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
+            save_atomic({"model": model.state_dict(), "opt": opt.state_dict(), "epoch": epoch,
                           "hook": state.state_dict() if state is not None else None}, ckpt)
         if cfg.max_steps and done >= cfg.max_steps:
             break

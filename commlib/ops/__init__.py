@@ -95,12 +95,12 @@ def scatter_add_(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
 
 def unpack_scatter_add_(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets, *, alpha: float = 1.0,
                         slot: Optional[int] = None, finite: str = "reject", on_error: str = "raise",
-                        require_checksum: bool = False) -> UnpackResult:
+                        require_checksum: bool = False, max_abs: Optional[float] = None) -> UnpackResult:
     """Validate and scatter-add every rank's payload (row r of bufs, at offsets[r]) into out.
     See commlib.ops.torch_pack.unpack_scatter_add_ for the full contract."""
     impl = native if _native(out) and bufs.device == out.device else torch_pack
     return impl.unpack_scatter_add_(out, bufs, offsets, alpha=alpha, slot=slot, finite=finite, on_error=on_error,
-                                    require_checksum=require_checksum)
+                                    require_checksum=require_checksum, max_abs=max_abs)
 
 
 def release_scratch() -> None:

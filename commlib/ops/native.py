@@ -26,7 +26,7 @@ from commlib.ops import torch_ops, torch_pack
 from commlib.ops.torch_pack import Offsets, UnpackResult
 from commlib.wire import Kind, Payload
 
-ABI_VERSION = 1  # must equal kAbiVersion in csrc/binding.cpp
+ABI_VERSION = 2  # must equal kAbiVersion in csrc/binding.cpp
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _log = logging.getLogger("commlib.ops")
 
@@ -159,11 +159,12 @@ def scatter_add_(out: torch.Tensor, indices: torch.Tensor, values: torch.Tensor,
 
 def unpack_scatter_add_(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets, *, alpha: float = 1.0,
                         slot: Optional[int] = None, finite: str = "reject", on_error: str = "raise",
-                        require_checksum: bool = False) -> UnpackResult:
-    offs = torch_pack.check_unpack(out, bufs, offsets, finite, on_error)
+                        require_checksum: bool = False, max_abs: Optional[float] = None) -> UnpackResult:
+    offs = torch_pack.check_unpack(out, bufs, offsets, finite, on_error, max_abs)
     ends, nnz, flags, codes, msgs = LIB.unpack_scatter_add(
         out.view(-1), bufs, torch.tensor(offs, dtype=torch.int64), float(alpha), -1 if slot is None else int(slot),
-        finite == "reject", bool(require_checksum), on_error == "skip")
+        finite == "reject", math.inf if max_abs is None else float(max_abs), bool(require_checksum),
+        on_error == "skip")
     res = UnpackResult(list(ends), list(nnz), list(flags), {r: m for r, m in enumerate(msgs) if codes[r] > 0})
     if on_error == "raise":
         torch_pack.raise_first(res, codes)

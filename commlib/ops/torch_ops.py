@@ -59,7 +59,7 @@ def keep_largest(idx: torch.Tensor, vals: torch.Tensor, max_nnz: Optional[int]) 
 
 
 def dgc_sample_count(numel: int, ratio: float, sample_ratio: float = 0.01) -> int:
-    """DGC (Lin et al. 2018, §1 step 3): sample 1% of entries, at least ceil(2/ratio), at most numel."""
+    """DGC (Lin et al. 2018; docs/algorithms.md §1, step 1): sample 1% of entries, at least ceil(2/ratio), at most numel."""
     if not 0.0 < ratio <= 1.0:
         raise ConfigError(f"ratio must be in (0, 1], got {ratio}")
     if not 0.0 < sample_ratio <= 1.0:

@@ -14,7 +14,7 @@ import torch
 
 from commlib.errors import ConfigError, NonFiniteError, PayloadError
 from commlib.ops import torch_ops
-from commlib.wire import PAYLOAD_HEADER_BYTES, Flag, Kind, Payload, _align8
+from commlib.wire import PAYLOAD_HEADER_BYTES, Flag, Kind, Payload, _align8, check_values
 
 PACK_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -65,7 +65,8 @@ def too_small(offset: int, needed: int, have: int, nnz: int) -> PayloadError:
     return PayloadError(f"payload of {nnz} values needs {needed} bytes at offset {offset}; the buffer holds {have}")
 
 
-def check_unpack(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets, finite: str, on_error: str) -> List[int]:
+def check_unpack(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets, finite: str, on_error: str,
+                 max_abs: Optional[float] = None) -> List[int]:
     """Arguments of unpack_scatter_add_; returns the offsets as a list."""
     if not out.is_contiguous() or not out.is_floating_point():
         raise ConfigError("unpack target must be a contiguous floating-point tensor")
@@ -80,6 +81,8 @@ def check_unpack(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets, finite
         raise ConfigError(f"finite must be 'reject' or 'allow', got {finite!r}")
     if on_error not in ("raise", "skip"):
         raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    if max_abs is not None and not float(max_abs) > 0:
+        raise ConfigError(f"max_abs must be > 0 (or None), got {max_abs!r}")
     return offs
 
 
@@ -143,30 +146,33 @@ def dgc_update_pack_(buf: torch.Tensor, offset: int, u: torch.Tensor, v: torch.T
 
 
 # ---- unpacking -------------------------------------------------------------------------------
-def _decode(row: torch.Tensor, off: int, numel: int, slot: Optional[int], finite: str,
-            require_checksum: bool) -> Payload:
-    p, _ = Payload.decode_from(row, off, finite=finite, numel=numel, slot=slot, require_checksum=require_checksum)
+def _decode(row: torch.Tensor, off: int, out: torch.Tensor, slot: Optional[int], finite: str,
+            require_checksum: bool, alpha: float, max_abs: Optional[float]) -> Payload:
+    p, _ = Payload.decode_from(row, off, finite=finite, numel=out.numel(), slot=slot,
+                               require_checksum=require_checksum, target=out.dtype, max_abs=max_abs)
     if p.kind == Kind.RANDK:
         raise PayloadError("RANDK payloads are not unpacked here (decode them with Payload.decode_from)")
+    if alpha != 1.0:  # the addends alpha * value * scale must be finite too (the value rule)
+        check_values(p.values, p.scale, target=out.dtype, alpha=alpha, finite=finite == "reject", slot=p.slot)
     return p
 
 
 def unpack_scatter_add_(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets, *, alpha: float = 1.0,
                         slot: Optional[int] = None, finite: str = "reject", on_error: str = "raise",
-                        require_checksum: bool = False) -> UnpackResult:
+                        require_checksum: bool = False, max_abs: Optional[float] = None) -> UnpackResult:
     """out += alpha * sum over ranks r of decode(payload at bufs[r, offsets[r]:]).
 
     bufs: (ranks, capacity) uint8, row r = what rank r sent (e.g. an all-gather's output viewed
     as (world, capacity)); offsets: where this tensor's payload starts in each row (negative:
     skip the rank).  Each payload must stand for out.numel() entries (and carry ``slot`` if
     given); SPARSE, DENSE and SKIP payloads are accepted.  Every payload is validated before
-    anything is written (header, checksum -- required if ``require_checksum`` --, index range,
-    finiteness per ``finite``), with the checks of ``Payload.decode_from``; a bad one
+    anything is written (header, checksum -- required if ``require_checksum`` --, index range
+    and order, the value rule of commlib.wire for out's dtype with ``finite``/``max_abs``), with
+    the checks of ``Payload.decode_from``; a bad one
     raises (on_error="raise") or is left out and reported (on_error="skip").  Ranks are added
     in rank order, each as ``scatter_add_(out, idx, values, alpha * scale)``.
     """
-    offs = check_unpack(out, bufs, offsets, finite, on_error)
-    n = out.numel()
+    offs = check_unpack(out, bufs, offsets, finite, on_error, max_abs)
     ranks = bufs.size(0)
     res = UnpackResult([-1] * ranks, [0] * ranks, [0] * ranks)
     codes = [0] * ranks
@@ -175,7 +181,7 @@ def unpack_scatter_add_(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets,
         if off < 0:
             continue
         try:
-            p = _decode(bufs[r], off, n, slot, finite, require_checksum)
+            p = _decode(bufs[r], off, out, slot, finite, require_checksum, float(alpha), max_abs)
         except PayloadError as exc:
             res.errors[r] = str(exc)
             codes[r] = 2 if isinstance(exc, NonFiniteError) else 1

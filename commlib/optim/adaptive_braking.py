@@ -19,43 +19,16 @@ the alignment is measured between the stale gradient and the velocity it is abou
 added to. With ``rho = 0`` the update is torch.optim.SGD(momentum=m, nesterov=False,
 dampening, weight_decay) bit for bit (same operations in the same order).
 
-What was checked against the paper, and what was not
-----------------------------------------------------
-ALGORITHMS.md §5 asked to confirm three facts from the paper: the sign convention, whether
-the cosine is per tensor or global, and the default rho. Only the paper's title page and
-abstract could be reached from this build environment (stored copies of arXiv 2007.01397 on
-third-party mirrors; searches of the page, code and docs corpora returned the abstract and
-introduction only, no method section, no equation numbers, no reference code). The abstract
-confirms: AB is a modification of SGD with momentum that "dynamically scales the gradient
-based on the alignment of the gradient and the velocity" in order to "dampen oscillations
-along high curvature directions". None of the three facts could be confirmed from the text,
-so this module implements the formula exactly as ALGORITHMS.md §5 gives it, and:
-
-* Sign convention — NOT confirmed from the paper. In the buffer convention used here, a
-  gradient pointing against the velocity (c < 0: the weights overshot a minimum along that
-  direction) is amplified by up to 1 + rho, which brakes the velocity; a gradient aligned with
-  the velocity is shrunk. That is the damping behaviour the abstract describes. If the
-  velocity were kept in the update convention (v' = -v), the same rule reads
-  (1 + rho * cos(g, v')). ``tests/test_optim_adaptive_braking.py`` checks the damping
-  behaviour on a delayed quadratic.
-* Per-tensor vs global cosine — NOT confirmed. Both are implemented: ``per_tensor=True``
-  (default) measures the cosine separately for every parameter tensor; ``per_tensor=False``
-  measures one cosine over all parameters of a parameter group (flattened and concatenated).
-* Default rho — NOT confirmed. The default ``rho=1.0`` is this project's choice, not the
-  paper's: it is the largest value for which the factor 1 - rho * c never reverses a gradient
-  (factor in [0, 2]). Measured in ``benchmarks/async_braking.py`` (MLP on sklearn digits,
-  3 seeds, 30 epochs, momentum 0.9): at lr 0.03 (best synchronous lr of those tried) plain
-  momentum collapses from D = 8 on, rho = 1 holds up to D = 16 (96.8%) but drops at D = 32
-  (61.6%), rho = 2 keeps D = 32 at 96.9% vs 97.1% synchronous; at lr 0.01, rho = 2
-  under-trains at every D, synchronous included (~83%), while rho = 1 keeps 96.4% at D = 32.
-  So rho = 1 is the safe default for synchronous use; use rho = 2 for large delays at a
-  synchronously tuned (large) lr, and check it at small lr.
-
-Caveat (measured, follows from the formula): with full-batch (noise-free) gradients the
-gradient stays aligned with the velocity (cos -> 1), so the factor goes to 1 - rho <= 0 and
-training stalls: a 10-32-1 MLP on a full-batch MSE toy, lr 0.02, 300 steps, D = 0, reaches
-loss 0.25 with plain momentum but 0.96 (rho = 1) and 0.87 (rho = 2) from ~1.0. AB is meant
-for stochastic mini-batch gradients, where the per-tensor cosine stays small.
+Sign convention: in the buffer convention used here, a gradient pointing against the velocity
+(c < 0: the weights overshot a minimum along that direction) is amplified by up to 1 + rho,
+which brakes the velocity; a gradient aligned with the velocity is shrunk. With the velocity
+kept in the update convention (v' = -v) the same rule reads (1 + rho * cos(g, v')).
+The cosine is measured per parameter tensor (``per_tensor=True``, default) or once over all
+parameters of a parameter group, flattened and concatenated (``per_tensor=False``).
+``rho=1.0`` is the largest value for which the factor never reverses a gradient (factor in
+[0, 2]). With noise-free (full-batch) gradients the gradient stays aligned with the velocity,
+the factor tends to 1 - rho and training stalls: AB is meant for mini-batch gradients.
+Measurements, defaults and tuning advice: docs/algorithms.md §5.
 """
 from __future__ import annotations
 
@@ -118,12 +91,12 @@ def braking_cosines(grads: Sequence[Tensor], velocities: Sequence[Optional[Tenso
 def braking_cosine(grads: Sequence[Tensor], velocities: Sequence[Optional[Tensor]]) -> Tensor:
     """cos(g, v) of the vectors formed by flattening and concatenating ``grads`` and
     ``velocities``, as a 0-dim tensor (one pair gives the per-tensor cosine). 0 when either
-    vector is zero (ALGORITHMS.md §5 convention cos := 0 when ||v|| = 0)."""
+    vector is zero (the convention cos := 0 when ||v|| = 0, docs/algorithms.md §5)."""
     return braking_cosines(grads, velocities, per_tensor=False)[0]
 
 
 def braking_factor(cos: Tensor, rho: float) -> Tensor:
-    """The AB gradient scale 1 - rho * cos(g, v) (arXiv 2007.01397; ALGORITHMS.md §5)."""
+    """The AB gradient scale 1 - rho * cos(g, v) (arXiv 2007.01397; docs/algorithms.md §5.1)."""
     return 1.0 - rho * cos
 
 
@@ -197,8 +170,8 @@ class AdaptiveBrakingSGD(torch.optim.Optimizer):
         params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
         lr: learning rate.
         momentum: momentum factor m (> 0).
-        rho: braking strength; 0 gives ``torch.optim.SGD`` exactly. Default 1.0 (this project's
-            choice; the paper's default could not be confirmed, see the module docstring).
+        rho: braking strength; 0 gives ``torch.optim.SGD`` exactly. Default 1.0, the largest
+            value that never reverses a gradient (docs/algorithms.md §5.3).
         weight_decay: L2 penalty folded into the gradient before braking, as in torch's SGD.
         dampening: as in ``torch.optim.SGD``.
         per_tensor: cosine per parameter tensor (True) or one cosine over the whole group.

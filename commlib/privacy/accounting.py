@@ -9,18 +9,19 @@ Model and assumptions:
 * Minibatches are Poisson-sampled with rate q (each sample independently), and the stages
   divide by the *expected* batch size; fixed-size shuffled batches are commonly accounted
   this way too, but that is then an approximation, not a proof.
-* One step is a Gaussian mechanism whose noise multiplier is std / ℓ₂-sensitivity; the
-  stages in this package are parameterised that way (σ for DP-SGD, σ₁/σ₂ for DIFF2).
+* Every release is what the stage that made it declares (``commlib.privacy.Release``): a
+  Gaussian mechanism with noise multiplier σ = std / ℓ₂-sensitivity, Poisson-subsampled
+  only when the stage says amplification applies (DP-SGD, DIFF2), otherwise recorded at
+  q = 1 whatever the batch sampling (EF-DPSGD: its error feedback carries samples into
+  later steps). ``Accountant.record_release`` takes exactly that; nothing is mapped from a
+  stage's name.
 * DIFF2 (Murata & Suzuki 2023): ⌈R/T⌉ restart releases at σ₁ (sensitivity C₁) and
-  R − ⌈R/T⌉ difference releases at σ₂. A *clipped difference* clip(∇ℓ(x; z) − ∇ℓ(x′; z), C₂)
-  has norm <= C₂ with x, x′ public, so its sensitivity is C₂ (not 2C₂: the difference is
-  clipped as one vector), and σ₂ is its multiplier relative to C₂. Both kinds compose
-  into one ``ComposedDpEvent``.
-* EF-DPSGD/DiceSGD: recorded as DP-SGD at σ; that ε is the paper's claim (see
-  ``commlib.privacy.efdpsgd``), not a bound this module proves.
+  R − ⌈R/T⌉ difference releases at σ₂ (sensitivity C₂: the difference is clipped as one
+  vector), composed into one ``ComposedDpEvent`` (``diff2_event``).
 
 Refused with ``ConfigError``: a missing or out-of-range δ, ε target <= 0 or infinite,
-σ = 0 (no privacy) recorded or calibrated against a target, q outside (0, 1], < 1 step.
+σ = 0 (no privacy) recorded or calibrated against a target, q outside (0, 1], < 1 step, a
+release with an unbounded sensitivity, a stage without a declared guarantee.
 δ >= 1/N (N = dataset size, when given) draws a ``PrivacyWarning``: such a δ allows
 mechanisms that publish a whole sample.
 """
@@ -41,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from commlib.errors import ConfigError
+from commlib.privacy.base import PrivacyStage, Release
 from commlib.privacy.diff2 import check_period, restart_count
 
 METHODS = ("rdp", "pld")
@@ -118,6 +120,15 @@ def gaussian_step_event(sigma: float, sample_rate: float = 1.0) -> dp_event.DpEv
     return gauss if q == 1.0 else dp_event.PoissonSampledDpEvent(q, gauss)
 
 
+def release_event(release: Release, sample_rate: float = 1.0) -> dp_event.DpEvent:
+    """The DpEvent of one release as its stage declared it: Poisson-subsampled at q only when
+    ``release.subsampled``, otherwise an unsampled Gaussian."""
+    if not (math.isfinite(release.sensitivity) and release.sensitivity > 0):
+        raise ConfigError(f"release {release.kind!r} has sensitivity {release.sensitivity}: "
+                          "its noise protects nothing (clip the quantity first)")
+    return gaussian_step_event(release.noise_multiplier, sample_rate if release.subsampled else 1.0)
+
+
 def dpsgd_event(sigma: float, sample_rate: float, steps: int) -> dp_event.DpEvent:
     """DP-SGD: ``steps`` self-composed Poisson-subsampled Gaussian releases."""
     return dp_event.SelfComposedDpEvent(gaussian_step_event(sigma, sample_rate), check_steps(steps))
@@ -193,6 +204,25 @@ def calibrate_sigma(
     return _calibrate(lambda s: dpsgd_event(s, q, steps), target, delta, method, tol)
 
 
+def calibrate_stage_sigma(
+    stage_cls: type,
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    **kw: Any,
+) -> float:
+    """``calibrate_sigma`` for a single-σ stage class, at the sampling its releases get: q when
+    they are Poisson-subsampled (DP-SGD), 1 when not (EF-DPSGD). Refuses a class without a
+    declared guarantee."""
+    if not (isinstance(stage_cls, type) and issubclass(stage_cls, PrivacyStage)):
+        raise ConfigError(f"{stage_cls!r} is not a privacy stage class")
+    if stage_cls.guarantee is None:
+        raise ConfigError(f"stage {stage_cls.__name__} declares no proven per-release sensitivity "
+                          "(its `guarantee` is None): no σ can be calibrated for it")
+    return calibrate_sigma(target_epsilon, delta, sample_rate if stage_cls.subsampling_amplifies else 1.0, steps, **kw)
+
+
 def calibrate_diff2(
     target_epsilon: float,
     delta: float,
@@ -225,7 +255,8 @@ def calibrate_diff2(
 class Accountant:
     """Tracks ε spent as releases happen (during training) and reports it at the end.
 
-    ``record(σ, q)`` after every release (a stage's ``last_noise_multiplier``); ``epsilon``
+    ``record_release(stage.last_release, q)`` after every release (the stage's own
+    description of it), or ``record(σ, q)`` for a Poisson-subsampled Gaussian at σ; ``epsilon``
     is the library's ε for everything recorded so far. The ledger is a short list of
     (σ, q, count) runs, so ``state_dict`` is small and checkpoint-safe, and ε is recomputed
     from it lazily (PLD composition is costly per call).
@@ -257,6 +288,14 @@ class Accountant:
         else:
             self.ledger.append([sigma, q, count])
         self._eps = None
+
+    def record_release(self, release: Optional[Release], sample_rate: float = 1.0, count: int = 1) -> None:
+        """Account ``count`` releases exactly as the stage described them (``Release``): at
+        ``sample_rate`` when they are Poisson-subsampled, at q = 1 otherwise."""
+        if release is None:
+            raise ConfigError("no release to record (has the stage released anything?)")
+        release_event(release, sample_rate)  # validates σ, Δ and q
+        self.record(release.noise_multiplier, check_rate(sample_rate) if release.subsampled else 1.0, count)
 
     @property
     def steps(self) -> int:

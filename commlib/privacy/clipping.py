@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from commlib.aggregate.clipping import clip_scales
 from commlib.errors import ConfigError, NonFiniteError
 
 
@@ -40,8 +41,8 @@ def clip_factors(grads: torch.Tensor, c: float) -> torch.Tensor:
     norms = torch.linalg.vector_norm(grads, dim=1)
     if not torch.isfinite(norms).all():  # a NaN/Inf entry makes its row's norm non-finite
         _refuse_non_finite(grads)  # (a finite row whose norm overflows gets factor 0: still within C)
-    # clip(g, C) = g·min(1, C/‖g‖) (Abadi et al. 2016, Alg. 1) = g·C/max(‖g‖, C): exactly 1 below C, ‖g‖ = 0 safe.
-    return c / norms.clamp_min(c)
+    # clip(g, C) = g·min(1, C/‖g‖) (Abadi et al. 2016, Alg. 1): exactly 1 up to C, ‖g‖ = 0 safe.
+    return clip_scales(norms, c)
 
 
 def clip_per_sample(grads: torch.Tensor, c: float) -> torch.Tensor:

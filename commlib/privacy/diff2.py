@@ -24,20 +24,19 @@ R − ⌈R/T⌉ at σ₂ (``accounting.diff2_event``). The gain: for an L-smooth
 ‖Δ_z‖ <= L‖x_{r−1} − x_{r−2}‖ = Lη‖ṽ_{r−1}‖, so C₂ can be much smaller than C₁ and the noise
 added per round shrinks with it.
 
-What was checked: the recursion above is the one in ALGORITHMS.md §7 and in the paper's
-abstract ("a differential private global gradient estimator ... based on communicated
-gradient differences"). The paper's full text (Algorithm 1, its σ₁/σ₂ theorem) was not
-reachable from this project's stored sources, and there is no public code, so the
-restart test (r − 1) mod T = 0 and the per-round noise form follow ALGORITHMS.md.
+Restart releases depend on the data only through the round's batch (as DP-SGD), and so do
+difference releases (x_{r−1}, x_{r−2} public), so both are Poisson-subsampled Gaussians
+when the batch is.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
 from commlib.errors import ConfigError
-from commlib.privacy.base import PRIVACY_STAGES, PrivacyStage, check_noise_vs_clip, check_sigma, noise_std
+from commlib.privacy.audit import AuditCase
+from commlib.privacy.base import PRIVACY_STAGES, PrivacyStage, Release, ServerHalf, check_noise_vs_clip, check_sigma
 from commlib.privacy.clipping import check_clip, clipped_sum
 
 
@@ -71,6 +70,12 @@ class DIFF2Worker(PrivacyStage):
     on non-restart rounds and ignored on restarts; ``needs_previous`` says which is next.
     """
 
+    guarantee = ("each round a Gaussian release, sensitivity C₁/B on restarts and C₂/B on clipped "
+                 "differences, Poisson-subsampled (Murata & Suzuki 2023, Alg. 1)")
+    subsampling_amplifies = True
+    uses_previous_point = True
+    needs_full_quorum = True  # the server half counts rounds with the workers
+
     def __init__(
         self,
         clip1: float,
@@ -99,35 +104,40 @@ class DIFF2Worker(PrivacyStage):
     def needs_previous(self) -> bool:
         return not is_restart(self.round + 1, self.period)
 
-    def server(self) -> "DIFF2Server":
+    def make_server(self) -> "DIFF2Server":
         return DIFF2Server(self.period)
 
-    def _step(self, grads: torch.Tensor, previous: Optional[torch.Tensor], batch: float) -> torch.Tensor:
+    @classmethod
+    def audit_cases(cls) -> List[AuditCase]:
+        return [AuditCase("DIFF2", lambda f, seed: cls(1.0, 0.2, 3.0 * f, 5.0 * f, period=4, seed=seed),
+                          batch=8, normalizer=8.0, scale=1.0)]
+
+    def _step(self, grads: torch.Tensor, previous: Optional[torch.Tensor], batch: float) -> Tuple[torch.Tensor, Release]:
         r = self.round + 1
         if is_restart(r, self.period):
             # Murata & Suzuki 2023, Alg. 1 (restart): d = ClippedMean(∇ℓ(x_{r−1}; z), C₁) + N(0, s₁²I).
             d = clipped_sum(grads, self.clip1) / batch
-            std = noise_std(self.sigma1, self.clip1, batch)
-            self.last_noise_multiplier = self.sigma1
+            release = Release("gradient", self.sigma1, self.clip1 / batch, self.subsampling_amplifies)
         else:
             if previous is None:
                 raise ConfigError(f"DIFF2 round {r} is a difference round: pass grads at the previous point")
             # Murata & Suzuki 2023, Alg. 1: d = ClippedMean(∇ℓ(x_{r−1}; z) − ∇ℓ(x_{r−2}; z), C₂) + N(0, s₂²I).
             d = clipped_sum(grads - previous, self.clip2) / batch
-            std = noise_std(self.sigma2, self.clip2, batch)
-            self.last_noise_multiplier = self.sigma2
+            release = Release("difference", self.sigma2, self.clip2 / batch, self.subsampling_amplifies)
         self.round = r
-        return d + self._gaussian(grads, std)
+        return d, release
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {**super().state_dict(), "round": self.round}
+    def _mechanism_state(self) -> Dict[str, Any]:
+        return {"round": self.round}
 
-    def load_state_dict(self, state: Dict[str, Any]) -> None:
-        super().load_state_dict(state)
+    def _load_mechanism_state(self, state: Dict[str, Any]) -> None:
         self.round = int(state["round"])
 
+    def _initial_mechanism_state(self) -> Dict[str, Any]:
+        return {"round": 0}
 
-class DIFF2Server:
+
+class DIFF2Server(ServerHalf):
     """DIFF2 server half: keeps the gradient estimator ṽ (deterministic; replicable per rank).
 
     ``step(mean_d)`` takes the aggregate of the workers' messages for one round (the mean,

@@ -109,6 +109,10 @@ class GaussianNoise:
 
     __call__ = sample
 
+    def seed_fingerprint(self) -> Optional[int]:
+        """The seed of this stream (low 62 bits), None for CSPRNG noise (no seed)."""
+        return None if self._gen is None else self._gen.initial_seed() & ((1 << 62) - 1)
+
     def state_dict(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {"std": self.std, "secure": self.secure}
         if self._gen is not None:

@@ -29,8 +29,12 @@ class PSConfig:
         max_misses: sync: consecutive rounds a worker may miss before it is dropped from the quorum.
         max_staleness: async: pushes computed on parameters more than this many versions old
             are dropped (counted); None accepts any staleness.
-        optimizer: {"name": "sgd" | "ab-sgd", "lr", "momentum", "rho", "weight_decay", ...};
-            default SGD for sync and Adaptive Braking SGD for async.
+        optimizer: {"name": "sgd" | "ab-sgd", "lr", "momentum", "rho", "weight_decay", ...,
+            "lr_scaling": "workers" | "none"}; default SGD for sync and Adaptive Braking SGD for
+            async. In async mode ``lr`` is the synchronous learning rate (one step per round of
+            n gradients) and is divided by the number of workers n, since every push applies
+            one gradient instead of a mean of n ("lr_scaling": "none" uses it as given).
+            docs/algorithms.md §5.4.
         checkpoint: file the server writes atomically (model, optimizer, scheme state, step,
             per-worker bookkeeping); ``resume`` continues from it.
         checkpoint_every: steps between checkpoints (1 keeps workers' rollback memory to one state).
@@ -126,13 +130,31 @@ class PSConfig:
         return asdict(self)
 
 
-def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter], mode: str) -> torch.optim.Optimizer:
-    """The server's optimizer from a spec; default SGD (sync) or Adaptive Braking SGD (async)."""
+#: Async learning-rate scalings: "workers" divides the given (synchronous) lr by n.
+LR_SCALINGS = ("workers", "none")
+
+
+def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter], mode: str,
+                    n_workers: int = 1) -> torch.optim.Optimizer:
+    """The server's optimizer from a spec; default SGD (sync) or Adaptive Braking SGD (async).
+
+    Async mode applies every push on arrival, each computed about n - 1 versions ago, so it
+    divides the lr by ``n_workers`` (``lr_scaling="workers"``, the default): n pushes then move
+    the weights as far as one synchronous round of n gradients at the given lr. Without it the
+    effective step grows n-fold while the delay grows with n (docs/algorithms.md §5.4).
+    """
     from commlib.optim import AdaptiveBrakingSGD
 
     spec = dict(spec or {})
     name = str(spec.pop("name", "sgd" if mode == "sync" else "ab-sgd")).lower().replace("_", "-")
+    scaling = str(spec.pop("lr_scaling", "workers" if mode == "async" else "none")).lower()
+    if scaling not in LR_SCALINGS:
+        raise ConfigError(f"lr_scaling must be one of {LR_SCALINGS}, got {scaling!r}")
+    if int(n_workers) < 1:
+        raise ConfigError(f"n_workers must be >= 1, got {n_workers}")
     spec.setdefault("lr", 0.05)
+    if scaling == "workers" and mode == "async":
+        spec["lr"] = float(spec["lr"]) / int(n_workers)
     try:
         if name == "sgd":
             return torch.optim.SGD(params, **spec)

@@ -21,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set
 
+from commlib.comm.auth import AUTH_OVERHEAD, FrameAuth, auth_disabled, ensure_secret, load_secret
 from commlib.comm.base import Received, Transport
 from commlib.comm.bundle import Bundled, pack_bundle, pack_ranks, unpack_bundle
 from commlib.comm.ray_bundle import BundleRayTransport, bundle_mailbox_actor
@@ -39,13 +40,16 @@ class _RayGroupLink(GroupLink):
     """Inside a group actor: one ``LocalInbox`` per logical worker (kept across its crashes,
     so the server's message numbering stays in step), sends queued and shipped as bundles."""
 
-    def __init__(self, world_size: int, workers: List[int], mailbox: Any, max_message_bytes: int) -> None:
+    def __init__(self, world_size: int, workers: List[int], mailbox: Any, max_message_bytes: int,
+                 secret: Optional[str] = None) -> None:
         import ray
 
         self._ray = ray
         self.world_size = int(world_size)
         self.max_message_bytes = int(max_message_bytes)
-        self.inboxes = {w: LocalInbox(max_message_bytes) for w in workers}
+        self.secret = secret  # the job secret: every logical worker seals its frames (commlib/comm/auth.py)
+        wire_max = self.max_message_bytes + AUTH_OVERHEAD
+        self.inboxes = {w: LocalInbox(wire_max) for w in workers}
         self.mailbox = mailbox
         self.down: Set[int] = set()
         self.dirty: Set[int] = set()
@@ -57,7 +61,7 @@ class _RayGroupLink(GroupLink):
         self.bundles_sent = 0
 
     def endpoint(self, w: int) -> Transport:
-        return _GroupEndpoint(self, w)
+        return _GroupEndpoint(self, w, auth=FrameAuth(self.secret) if self.secret else None)
 
     def _drain(self, w: int) -> None:
         while self.inboxes[w].take(0) is not None:
@@ -79,7 +83,7 @@ class _RayGroupLink(GroupLink):
     def deliver_bundle(self, blob: bytes) -> bytes:
         """Frames from the server (actor threads call this); returns the ranks refused."""
         try:
-            items = unpack_bundle(blob, self.max_message_bytes)
+            items = unpack_bundle(blob, self.max_message_bytes + AUTH_OVERHEAD)
         except PayloadError:
             self.refused_bundles += 1
             return b""
@@ -158,7 +162,8 @@ class _GroupActor:
         self.config = PSConfig.from_dict(spec["config"])
         self.hooks = {int(k): v for k, v in (spec.get("hooks") or {}).items()}
         self.restart_hooks = {int(k): v for k, v in (spec.get("restart_hooks") or {}).items()}
-        self.link = _RayGroupLink(world_size, self.workers, mailbox, int(spec["max_message_bytes"]))
+        self.link = _RayGroupLink(world_size, self.workers, mailbox, int(spec["max_message_bytes"]),
+                                  secret=spec.get("secret"))
         self.group = WorkerGroup(self.link, self._make_worker, self.workers, self.config,
                                  restart_after={int(k): v for k, v in (spec.get("restart_after") or {}).items()})
 
@@ -235,17 +240,20 @@ class GroupRayJob:
         self.on_step = on_step
         self.timings: Dict[str, float] = {}
 
-    def _spec(self, block: List[int]) -> str:
+    def _spec(self, block: List[int], secret: Optional[str]) -> str:
         pick = lambda d: {str(w): d[w] for w in block if w in d}  # noqa: E731
         return json.dumps({"workers": block, "task": self.task_spec, "scheme": self.scheme_cfg,
                            "config": self.config.to_dict(), "threads": self.threads,
                            "hooks": pick(self.hooks), "restart_hooks": pick(self.restart_hooks),
-                           "restart_after": pick(self.restart_after), "max_message_bytes": self.max_message_bytes})
+                           "restart_after": pick(self.restart_after), "max_message_bytes": self.max_message_bytes,
+                           "secret": secret})
 
     def run(self, join_timeout: float = 30.0) -> Dict[str, Any]:
         import ray
 
         t0 = time.monotonic()
+        auth = None if auth_disabled() else FrameAuth(ensure_secret())
+        secret = None if auth is None else load_secret().decode("utf-8")
         ray_start(self.address, self.num_cpus)
         self.timings["ray_start_s"] = time.monotonic() - t0
         procs = min(self.n, int(self.processes or cluster_cpus()))
@@ -253,9 +261,11 @@ class GroupRayJob:
         mailbox = bundle_mailbox_actor()
         opts = {"max_concurrency": 4, "max_restarts": 0}
         opts.update(self.worker_options)
-        actors = [ray.remote(_GroupActor).options(**opts).remote(self.n + 1, mailbox, self._spec(b)) for b in blocks]
+        actors = [ray.remote(_GroupActor).options(**opts).remote(self.n + 1, mailbox, self._spec(b, secret))
+                  for b in blocks]
         peers = {w + 1: actors[g] for g, b in enumerate(blocks) for w in b}
-        transport = BundleRayTransport(0, self.n + 1, peers, mailbox, max_message_bytes=self.max_message_bytes)
+        transport = BundleRayTransport(0, self.n + 1, peers, mailbox, max_message_bytes=self.max_message_bytes,
+                                       auth=auth)
         first_step: List[float] = []
 
         def on_step(rec: Dict[str, Any]) -> None:

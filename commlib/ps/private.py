@@ -1,6 +1,7 @@
 """Differential privacy in the parameter server: each worker privatises its gradient before
-it is encoded and pushed (per-sample clipping + noise: DP-SGD or EF-DPSGD from
-``commlib.privacy``), so nothing un-noised ever leaves a worker.
+it is encoded and pushed, through its own ``commlib.privacy.PrivacyPipeline`` (per-sample
+grads -> stage -> accountant), so nothing un-noised ever leaves a worker; the stage's
+server half (DIFF2's estimator) runs on the server.
 
 It is a Task wrapper, so the worker loop is unchanged: ``loss()`` computes the per-sample
 gradients of the inner task's batch, runs the stage, and returns a surrogate whose value is
@@ -18,11 +19,12 @@ new state epoch (``restarts_state_on_rejoin``) whose key reseeds every worker.
     task = {"name": "private", "task": {"name": "classification"},
             "stage": {"name": "dpsgd", "clip": 1.0, "sigma": 1.1}, "seed": 7, "delta": 1e-5}
 
-Accounting (``delta`` given): every worker records each release in a
-:class:`commlib.privacy.Accountant` (dp-accounting) at sampling rate ``batch / shard size``
-(the inner task's shuffled shards, accounted as Poisson sampling like Opacus and most DP-SGD
-code); ``PSWorker.report()["privacy"]`` has ε spent. Releases are counted when they leave the
-worker, applied by the server or not.
+Accounting (``delta`` given): every worker's pipeline records each release in a
+:class:`commlib.privacy.Accountant` (dp-accounting) as the stage describes it: releases the
+stage declares subsampled at rate ``batch / shard size`` (the inner task's shuffled shards,
+accounted as Poisson sampling like Opacus and most DP-SGD code), the others (EF-DPSGD) at
+q = 1; ``PSWorker.report()["privacy"]`` has ε spent. Releases are counted when they leave
+the worker, applied by the server or not.
 
 DIFF2 (Murata & Suzuki 2023): each worker also computes its batch's per-sample gradients at
 the previous round's point (kept per worker), and the server keeps the estimator
@@ -42,6 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from commlib.errors import ConfigError
+from commlib.privacy import PRIVACY_STAGES, PrivacyPipeline, PrivacyStage, ServerHalf, model_grads_at, unflatten
 from commlib.ps.task import TASKS, Task, build_task
 from commlib.scheme import _mix_seed
 
@@ -72,8 +75,6 @@ class PrivateTask(Task):
 
     def __init__(self, task: Dict[str, Any], stage: Dict[str, Any], seed: int = 0, secure: bool = False,
                  delta: Optional[float] = None, target_epsilon: Optional[float] = None) -> None:
-        from commlib.privacy import PRIVACY_STAGES
-
         self.inner = build_task(task)
         for attr in ("batch_indices", "xtr", "ytr"):
             if not hasattr(self.inner, attr):
@@ -92,11 +93,9 @@ class PrivateTask(Task):
         self.seed, self.secure = int(seed), bool(secure)
         self.delta = None if delta is None else float(delta)
         self.target_epsilon = None if target_epsilon is None else float(target_epsilon)
-        self.stages: Dict[int, Any] = {}  # one per worker id (in-process runs share this object)
+        self.pipelines: Dict[int, PrivacyPipeline] = {}  # one per worker id (in-process runs share this object)
         self._keys: Dict[int, StateKey] = {}  # worker -> state key its noise stream was seeded with
-        self._prev: Dict[int, list] = {}  # DIFF2: each worker's parameters at its previous round
-        self._accountants: Dict[int, Any] = {}
-        self._server = None  # DIFF2's estimator, on the server
+        self._accountants: Dict[int, Any] = {}  # per worker, across its pipelines (it is about the data)
         probe = self._stage_cls(seed=0, **st)  # fail fast on bad options (refusals: noise without clipping, ...)
         if self.delta is not None:
             from commlib.privacy.accounting import Accountant
@@ -104,52 +103,64 @@ class PrivateTask(Task):
             if not probe.private:
                 raise ConfigError("delta was given but the stage adds no noise or does not clip: "
                                   "nothing would be private")
+            probe.require_accountable()  # a stage without a proven sensitivity: no ε to report
             Accountant(self.delta, target_epsilon=self.target_epsilon)  # checks delta / target now
-        #: a stage with a server half (DIFF2) counts rounds on both sides: every worker, every round
-        self.requires_full_quorum = probe.server() is not None
+        #: a stage whose server half counts rounds with the workers (DIFF2): every worker, every round
+        self.requires_full_quorum = probe.needs_full_quorum
+        self._server: Optional[ServerHalf] = probe.make_server()  # on the server
+
+    @property
+    def stages(self) -> Dict[int, PrivacyStage]:
+        """Each worker's stage (read-only view)."""
+        return {w: p.stage for w, p in self.pipelines.items()}
 
     # ------------------------------------------------------------------ worker state
-    def _new_stage(self, worker: int, key: StateKey):
-        seed = None if self.secure else _mix_seed(self.seed, worker, 0x5EED, key[0], key[1])
-        return self._stage_cls(seed=seed, secure=self.secure, **self._stage_opts)
+    def _accountant(self, worker: int) -> Optional[Any]:
+        if self.delta is None:
+            return None
+        acc = self._accountants.get(worker)
+        if acc is None:
+            from commlib.privacy.accounting import Accountant
 
-    def _stage_for(self, worker: int):
-        stage = self.stages.get(worker)
-        if stage is None:
-            stage = self.stages[worker] = self._new_stage(worker, self._keys.get(worker, (0, 0)))
-        return stage
+            acc = self._accountants[worker] = Accountant(self.delta, target_epsilon=self.target_epsilon,
+                                                         dataset_size=int(self.inner.xtr.shape[0]))
+        return acc
+
+    def _pipeline_for(self, worker: int) -> PrivacyPipeline:
+        pipe = self.pipelines.get(worker)
+        if pipe is None:
+            key = self._keys.get(worker, (0, 0))
+            seed = None if self.secure else _mix_seed(self.seed, worker, 0x5EED, key[0], key[1])
+            stage = self._stage_cls(seed=seed, secure=self.secure, **self._stage_opts)
+            # the server half runs on the server; the sampling rate is set per round (it depends on n)
+            pipe = self.pipelines[worker] = PrivacyPipeline(stage, accountant=self._accountant(worker), server=None)
+        return pipe
+
+    def _stage_for(self, worker: int) -> PrivacyStage:
+        return self._pipeline_for(worker).stage
 
     def start_worker(self, worker: int, key: StateKey = (0, 0)) -> None:
         """A worker's privacy state starts (a new process, or a new state epoch ``key``): no
         error / round / previous point, a noise stream of its own for ``key``. The accountant
         keeps counting (it is about the data, not the process)."""
-        self.stages.pop(worker, None)
-        self._prev.pop(worker, None)
+        self.pipelines.pop(worker, None)
         self._keys[worker] = (int(key[0]), int(key[1]))
 
     def worker_state(self, worker: int) -> Dict[str, Any]:
         """The state a worker rolls back to (``PSWorker`` snapshots): the stage's error / round
         and DIFF2's previous point, but not its noise generator (never replayed)."""
-        stage = self.stages.get(worker)
-        st = None
-        if stage is not None:
-            st = stage.state_dict()
-            st.pop("noise")
-        prev = self._prev.get(worker)
-        return {"stage": st, "prev": None if prev is None else [p.clone() for p in prev]}
+        pipe = self.pipelines.get(worker)
+        return {"pipeline": None if pipe is None else pipe.rollback_state()}
 
     def load_worker_state(self, worker: int, state: Dict[str, Any]) -> None:
         """Roll a worker back to :meth:`worker_state`; its noise stream goes on where it is."""
-        stage = self.stages.get(worker)
-        if stage is not None:
-            saved = state["stage"]
-            if saved is None:  # back to before the first release: the initial state
-                saved = dict(self._stage_cls(seed=0, **self._stage_opts).state_dict())
-            stage.load_state_dict({**saved, "noise": stage.noise.state_dict()})
-        if state["prev"] is None:
-            self._prev.pop(worker, None)
+        pipe = self.pipelines.get(worker)
+        if pipe is None:
+            return
+        if state.get("pipeline") is None:  # back to before the first release: the initial state
+            pipe.reset()
         else:
-            self._prev[worker] = [p.clone() for p in state["prev"]]
+            pipe.load_rollback_state(state["pipeline"])
 
     # ------------------------------------------------------------------ accounting
     def sample_rate(self, n_workers: int) -> float:
@@ -159,17 +170,6 @@ class PrivateTask(Task):
         if shard < 1 or batch < 1:
             raise ConfigError(f"no data to account: shard {shard}, batch {batch}")
         return min(1.0, batch / shard)
-
-    def _record(self, worker: int, n_workers: int, stage: Any) -> None:
-        if self.delta is None:
-            return
-        acc = self._accountants.get(worker)
-        if acc is None:
-            from commlib.privacy.accounting import Accountant
-
-            acc = self._accountants[worker] = Accountant(self.delta, target_epsilon=self.target_epsilon,
-                                                         dataset_size=int(self.inner.xtr.shape[0]))
-        acc.record(stage.last_noise_multiplier, self.sample_rate(n_workers))
 
     def privacy_report(self, worker: int) -> Optional[Dict[str, Any]]:
         """ε spent by ``worker``'s releases at ``delta`` (None without accounting)."""
@@ -187,63 +187,46 @@ class PrivateTask(Task):
 
     def loss(self, model: nn.Module, worker: int, n_workers: int, step: int, *, flip_labels: bool = False):
         from commlib.attacks import flip_labels as flip
-        from commlib.privacy import per_sample_grads, unflatten
 
         b = self.inner.batch_indices(worker, n_workers, step)
         x, y = self.inner.xtr[b], self.inner.ytr[b]
         if flip_labels:
             y = flip(y, self.inner.num_classes)
         params = [p for p in model.parameters() if p.requires_grad]
-        grads = per_sample_grads(model, F.cross_entropy, x, y, params)
-        stage = self._stage_for(worker)
-        previous = None
-        if stage.needs_previous:  # DIFF2 difference round: same samples at x_{r-2}
-            prev = self._prev.get(worker)
-            if prev is None:
-                raise ConfigError("DIFF2 difference round without a previous point: the worker missed a round")
-            previous = per_sample_grads(model, F.cross_entropy, x, y, params, at=prev)
-        v = stage.step(grads, previous)  # clipped + noised: all that leaves the worker
-        self._record(worker, n_workers, stage)
-        self._prev[worker] = [p.detach().clone() for p in params]
+        pipe = self._pipeline_for(worker)
+        pipe.sample_rate = self.sample_rate(n_workers)
+        pipe.normalizer = float(len(b))  # fixed-size batches: the size is public
+        # clipped + noised and accounted: all that leaves the worker
+        v = pipe.release(model_grads_at(model, F.cross_entropy, x, y, params), params)
         with torch.no_grad():
             true_loss = F.cross_entropy(model(x), y)
         lin = sum((p * g.detach()).sum() for p, g in zip(params, unflatten(v, params)))
         return true_loss + lin - lin.detach()
 
     # ------------------------------------------------------------------ server half
-    def _server_half(self):
-        if self._server is None:
-            self._server = self._stage_cls(seed=0, **self._stage_opts).server() or False
-        return self._server
-
     def server_directions(self, dirs):
         """Server half (DIFF2's estimator ṽ) applied to the aggregated directions; identity for
         stages without one."""
-        half = self._server_half()
-        if half is False:
+        if self._server is None:
             return dirs
         flat = torch.cat([d.reshape(-1) for d in dirs])
-        est = half.step(flat)
+        est = self._server.step(flat)
         return [e.view_as(d) for e, d in zip(torch.split(est, [d.numel() for d in dirs]), dirs)]
 
     def server_state(self) -> Optional[Dict[str, Any]]:
         """The server half's state for the server checkpoint (DIFF2's estimator and round)."""
-        half = self._server_half()
-        return None if half is False else half.state_dict()
+        return None if self._server is None else self._server.state_dict()
 
     def load_server_state(self, state: Optional[Dict[str, Any]]) -> None:
-        half = self._server_half()
-        if half is False or state is None:
-            if (half is False) != (state is None):
-                raise ConfigError("the checkpoint's privacy server state does not match this task's stage")
-            return
-        half.load_state_dict(state)
+        if (self._server is None) != (state is None):
+            raise ConfigError("the checkpoint's privacy server state does not match this task's stage")
+        if self._server is not None:
+            self._server.load_state_dict(state)
 
     def restart_server(self) -> None:
         """A new state epoch: the server half starts over (DIFF2: the next round is a restart)."""
-        half = self._server_half()
-        if half is not False:
-            self._server = self._stage_cls(seed=0, **self._stage_opts).server()
+        if self._server is not None:
+            self._server = self._stage_cls(seed=0, **self._stage_opts).make_server()
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
         return self.inner.evaluate(model)

@@ -125,13 +125,17 @@ class Frame:
         return cls(kind_e, worker, step, seq, aux, session, incarnation, epoch, loss, FrameFlag(flags),
                    raw[HEADER_BYTES:])
 
-    def message(self, numels: Optional[Sequence[int]], *, sender: Optional[int] = None) -> Message:
+    def message(self, numels: Optional[Sequence[int]], *, sender: Optional[int] = None,
+                max_numel: Optional[int] = None) -> Message:
         """The validated wire Message in the body (checksums required, every payload checked).
-        ``numels=None``: the layout is checked by the caller (sequential coding's assignments)."""
+        ``numels=None``: the layout is checked by the caller (sequential coding's assignments),
+        and the payloads may stand for at most ``max_numel`` entries in all (default: the wire's
+        ``DEFAULT_MAX_NUMEL``)."""
         if not self.body:
             raise PayloadError(f"{self.kind.name} frame carries no message")
+        kw = {} if max_numel is None else {"max_numel": int(max_numel)}
         msg = Message.from_bytes(self.body, numels=None if numels is None else list(numels),
-                                 require_checksum=True, finite="reject")
+                                 require_checksum=True, finite="reject", **kw)
         if msg.step != self.step or (sender is not None and msg.sender != sender):
             raise PayloadError(f"message (sender {msg.sender}, step {msg.step}) disagrees with its frame "
                                f"(sender {sender}, step {self.step})")

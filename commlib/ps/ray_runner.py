@@ -6,7 +6,9 @@
     result = run_ray(..., address="auto", worker_options={"num_cpus": 1, "scheduling_strategy": "SPREAD"})
 
 Every actor is started from JSON strings (task spec, scheme config, server config, fault
-hooks spec); the only things that later cross between processes are ``(int, bytes)`` frames.
+hooks spec, the job secret); the only things that later cross between processes are
+``(int, bytes)`` frames, sealed with HMAC-SHA256 under the job secret (``COMMLIB_SECRET``,
+generated here when unset; ``commlib/comm/auth.py``).
 A worker whose fault hook raises ``WorkerCrashed`` ends its actor process with ``os._exit``
 (a real process death); with ``restart_after`` set for that worker, the driver starts a new
 actor for it after that many seconds, which rejoins as a fresh process.
@@ -19,6 +21,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from commlib.comm.auth import FrameAuth, auth_disabled, ensure_secret, load_secret
 from commlib.comm.ray_transport import LocalInbox, RayTransport, mailbox_actor, ray_start
 from commlib.errors import ConfigError
 from commlib.ps.config import PSConfig
@@ -47,7 +50,8 @@ class _WorkerActor:
         torch.set_num_threads(int(spec.get("threads", 1)))
         self.spec = spec
         self.inbox = LocalInbox()
-        self.transport = RayTransport(rank, world_size, peers={0: server_inbox}, inbox=self.inbox)
+        self.transport = RayTransport(rank, world_size, peers={0: server_inbox}, inbox=self.inbox,
+                                      auth=FrameAuth(spec["secret"]) if spec.get("secret") else None)
 
     def deliver(self, src: int, stream: int, seq: int, data: bytes) -> bool:
         return self.inbox.deliver(src, stream, seq, data)
@@ -111,10 +115,11 @@ class RayJob:
         self._restarts: Dict[int, float] = {}
         self._done = threading.Event()
         self.transport: Optional[RayTransport] = None
+        self._secret: Optional[str] = None
 
     def _spec(self, w: int) -> str:
         return json.dumps({"task": self.task_spec, "scheme": self.scheme_cfg, "config": self.config.to_dict(),
-                           "hooks": self.hooks.get(w), "threads": self.threads})
+                           "hooks": self.hooks.get(w), "threads": self.threads, "secret": self._secret})
 
     def start_worker(self, w: int) -> None:
         import ray
@@ -157,9 +162,11 @@ class RayJob:
     def run(self, join_timeout: float = 30.0) -> Dict[str, Any]:
         import ray
 
+        auth = None if auth_disabled() else FrameAuth(ensure_secret())
+        self._secret = None if auth is None else load_secret().decode("utf-8")
         ray_start(self.address, self.num_cpus)
         self._mailbox = mailbox_actor()
-        self.transport = RayTransport(0, self.n + 1, peers={}, inbox=self._mailbox)
+        self.transport = RayTransport(0, self.n + 1, peers={}, inbox=self._mailbox, auth=auth)
         server = ParameterServer(self.transport, Scheme.from_config(self.scheme_cfg), build_task(self.task_spec),
                                  self.config, on_step=self.on_step)
         for w in range(self.n):

@@ -313,7 +313,7 @@ class SGCServer:
                 return None
         numel = sum(ps.numels)
         try:
-            results = decode_results(frame.message(None, sender=w), len(tasks), numel)
+            results = decode_results(frame.message([numel] * len(tasks), sender=w), len(tasks), numel)
         except PayloadError:
             rec.rejected += 1
             ps._event("rejected", w)

@@ -48,7 +48,7 @@ from commlib.ps.protocol import Frame, FrameFlag, FrameKind
 from commlib.ps.task import Task, model_keys
 from commlib.ps.worker import SERVER_RANK, SERVER_SENDER
 from commlib.scheme import Scheme
-from commlib.wire import DTYPES, Message, Payload
+from commlib.wire import DTYPES, Message, Payload, check_values
 
 
 @dataclass
@@ -56,6 +56,7 @@ class WorkerRecord:
     """What the server knows about one worker, and what happened to it."""
 
     session: int = 0  # id of the worker's current process (0: never heard of)
+    present: bool = True  # heard from in this incarnation (False: restored from a checkpoint only)
     last_applied: int = -1  # seq of the last push applied (this session)
     durable: int = -1  # last_applied as of the last checkpoint
     live: bool = True
@@ -116,7 +117,7 @@ class ParameterServer:
         self.keys, self.params = model_keys(self.model)
         self.numels = [p.numel() for p in self.params]
         self.dense = [scheme.sends_dense(tuple(p.shape)) for p in self.params]
-        self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode)
+        self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode, self.n)
         check_optimizer(scheme, self.optimizer)
         if cfg.quorum is not None and int(cfg.quorum) > self.n:
             raise ConfigError(f"quorum {cfg.quorum} exceeds the {self.n} workers")
@@ -195,7 +196,8 @@ class ParameterServer:
         want = self.n if cfg.start_workers is None else min(int(cfg.start_workers), self.n)
         deadline = time.monotonic() + cfg.startup_timeout
         self._starting = True  # HELLOs are registered, not answered: the first round sends PARAMS
-        while sum(1 for r in self.records if r.session) < want and time.monotonic() < deadline:
+        # records restored from a checkpoint are not present until their worker speaks again
+        while sum(1 for r in self.records if r.session and r.present) < want and time.monotonic() < deadline:
             frame = self._receive(min(1.0, max(0.0, deadline - time.monotonic())))
             if frame is not None:  # a push computed for an older incarnation: counted as outdated
                 self._check_push(frame)
@@ -213,7 +215,7 @@ class ParameterServer:
         body = body if body is not None else self._params_body()
         for w in workers:
             rec = self.records[w]
-            if rec.session == 0 or self.transport.is_dead(w + 1):
+            if rec.session == 0 or not rec.present or self.transport.is_dead(w + 1):
                 continue
             frame = Frame(FrameKind.PARAMS, w, step=self.version, seq=rec.last_applied, aux=rec.durable,
                           session=rec.session, incarnation=self.incarnation, epoch=self.epoch,
@@ -264,6 +266,7 @@ class ParameterServer:
         rec = self.records[w]
         rec.last_seen = time.monotonic()
         rec.misses = 0
+        rec.present = True
         if not rec.live:
             rec.live = True
             rec.rejoins += 1
@@ -329,8 +332,14 @@ class ParameterServer:
         return ""
 
     def _decode(self, frame: Frame) -> Optional[List[Payload]]:
+        """The push's payloads (validated by the frame: layout, CRC, the value rule for float32),
+        checked against the scheme's ``max_abs``; None when rejected (counted)."""
         try:
-            return frame.message(self.numels, sender=frame.worker).payloads
+            payloads = frame.message(self.numels, sender=frame.worker).payloads
+            if self.scheme.max_abs is not None:
+                for p in payloads:
+                    check_values(p.values, p.scale, max_abs=self.scheme.max_abs, slot=p.slot)
+            return payloads
         except PayloadError:
             self.records[frame.worker].rejected += 1
             self._event("rejected", frame.worker)
@@ -602,6 +611,7 @@ class ParameterServer:
         for rec, saved in zip(self.records, ck["workers"]):
             rec.session = int(saved["session"])
             rec.last_applied = rec.durable = int(saved["last_applied"])
+            rec.present = False  # its worker must say HELLO to this incarnation before it counts
         # persist the new incarnation at once: a second crash before the next checkpoint must
         # not bring back an incarnation whose pushes workers still hold
         ckpt.save_atomic(self.state_dict(), path)

@@ -29,7 +29,7 @@ from commlib.ps.config import PSConfig
 from commlib.ps.protocol import Frame, FrameFlag, FrameKind
 from commlib.ps.task import Task, model_keys
 from commlib.scheme import Scheme
-from commlib.wire import Kind, Message, Payload
+from commlib.wire import DEFAULT_MAX_NUMEL, Kind, Message, Payload
 
 SERVER_RANK = 0
 #: Message.sender of the server's PARAMS messages (workers are 0..n-1)
@@ -111,6 +111,8 @@ class PSWorker:
         self.keys, self.params = model_keys(self.model)
         self.shapes = [tuple(p.shape) for p in self.params]
         self.numels = [p.numel() for p in self.params]
+        # an SGC assignment carries a few model versions: bound what its size claims may expand to
+        self._assignment_cap = max(DEFAULT_MAX_NUMEL, 64 * sum(self.numels))
         self.dense_bytes = sum(p.numel() * p.element_size() for p in self.params)
         self.sw = scheme.worker(self.worker_id, self.n_workers)
         self.momentum = None
@@ -345,7 +347,8 @@ class PSWorker:
     def _load_params(self, frame: Frame) -> bool:
         if self.sgc is not None:
             try:
-                self.sgc.load(frame.message(None, sender=SERVER_SENDER), self.params, frame.step)
+                self.sgc.load(frame.message(None, sender=SERVER_SENDER, max_numel=self._assignment_cap), self.params,
+                              frame.step)
             except PayloadError:
                 self.stats.rejected_frames += 1
                 return False

@@ -37,8 +37,10 @@ if TYPE_CHECKING:  # imported lazily below: `commlib --help` stays light
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add the ``simulate`` subcommand to ``commlib``'s subparsers."""
+    from commlib.cli import HelpFormatter, plain_text
+
     p = subparsers.add_parser("simulate", help="parameter-server run with a fault plan (local Ray by default)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain_text(__doc__), formatter_class=HelpFormatter)
     g = p.add_argument_group("run")
     g.add_argument("--workers", type=int, default=4)
     g.add_argument("--steps", type=int, default=100)

@@ -137,27 +137,29 @@ class FaultHooks(WorkerHooks):
 
     def byzantine(self, worker: PSWorker, step: int, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
         """The attack's row for this worker, crafted from the honest workers' gradients at the
-        current parameters (an omniscient attacker, the usual threat model in ALGORITHMS.md §6)."""
+        current parameters (an omniscient attacker, the usual threat model, docs/algorithms.md §6)."""
         if not self._vector_attack():
             return None
+        from commlib.attacks.plan import AttackPlan
+
         # a stateful attack (e.g. gaussian's draw count) computes its own rows: its state advances
         shared = not getattr(self.attack, "state_dict", dict)()
         key = (self.attack_key, step, tuple(self.byzantine_ids), _params_digest(worker.params))
         out = _ATTACK_ROWS.get(key) if shared else None
         if out is None:
-            honest_ids = [h for h in range(worker.n_workers) if h not in self.byzantine_ids]
-            rows = []
-            for h in honest_ids:
+            # What every worker would send if honest (Byzantine rows are replaced by the plan).
+            stack = torch.zeros(worker.n_workers, sum(worker.numels))
+            for h in range(worker.n_workers):
+                if h in self.byzantine_ids:
+                    continue
                 loss = worker.task.loss(worker.model, h, worker.n_workers, step)
                 gs = torch.autograd.grad(loss, worker.params, allow_unused=True)
-                rows.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
-                                       for g, p in zip(gs, worker.params)]))
-            honest = torch.stack(rows) if rows else torch.zeros(0, sum(worker.numels))
-            out = self.attack.apply(honest, len(self.byzantine_ids), aggregator=worker.scheme.aggregator)
+                stack[h] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1)
+                                      for g, p in zip(gs, worker.params)])
+            out, _present = AttackPlan(self.attack, self.byzantine_ids).apply(stack, worker.scheme.aggregator)
             if shared:
                 _ATTACK_ROWS.put(key, out)
-        row = out[self.byzantine_ids.index(self.worker)]
-        return list(torch.split(row, worker.numels))
+        return list(torch.split(out[self.worker], worker.numels))
 
     def before_send(self, worker: PSWorker, step: int, data: bytes) -> bytes:
         wait = self.delay_s + (self.rng.uniform(0.0, self.jitter_s) if self.jitter_s else 0.0)

@@ -68,7 +68,7 @@ Verdict check_header(const uint8_t* row, int64_t cap, int64_t offset, int64_t nu
     }
   }
   int code = kOk;
-  v.msg = check_meaning(h, numel, slot, &code);
+  v.msg = check_meaning(h, numel, slot, alpha, &code);
   v.code = code;
   if (!v.msg.empty()) return v;
   v.end = offset + kHeaderBytes + int64_t(h.body);
@@ -80,7 +80,8 @@ Verdict check_header(const uint8_t* row, int64_t cap, int64_t offset, int64_t nu
   src->val = h.kind == kSparse ? body + align8(4 * int64_t(h.nnz)) : body;
   src->dcode = h.dtype;
   src->nnz = int64_t(h.nnz);
-  src->a = float(alpha * h.scale);
+  src->a = round_f32(alpha * h.scale);  // finite and scale normal: check_meaning
+  src->s = round_f32(h.scale);
   *has_src = true;
   return v;
 }
@@ -159,7 +160,7 @@ std::string scatter_add(Tensor out, const Tensor& idx, const Tensor& val, double
   s.dcode = dcode_of(val.scalar_type());
   s.nnz = idx.numel();
   s.a = float(alpha);
-  const cpu::SourceScan scan = cpu::scan_sources(srcs, false, threads())[0];
+  const cpu::SourceScan scan = cpu::scan_sources(srcs, false, HUGE_VAL, threads())[0];
   if (s.nnz) {
     std::string err = cpu::range_error(scan, out.numel());
     if (!err.empty()) return err;
@@ -170,7 +171,8 @@ std::string scatter_add(Tensor out, const Tensor& idx, const Tensor& val, double
 }
 
 std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Tensor& offsets, double alpha,
-                                        int64_t slot, bool finite, bool require_checksum, bool skip_errors) {
+                                        int64_t slot, bool finite, double max_abs, bool require_checksum,
+                                        bool skip_errors) {
   check_unpack(out, bufs, offsets);
   const int64_t ranks = bufs.size(0), cap = bufs.size(1), numel = out.numel();
   std::vector<Verdict> verdicts(static_cast<size_t>(ranks));
@@ -188,18 +190,23 @@ std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Te
       owner.push_back(r);
     }
   }
-  // Every body in one parallel pass: index range and order, finiteness.
-  const std::vector<cpu::SourceScan> scans = cpu::scan_sources(srcs, finite, threads());
+  // Every body in one parallel pass: index range and order, the value rule.
+  const std::vector<cpu::SourceScan> scans = cpu::scan_sources(srcs, finite, max_abs, threads());
   std::vector<cpu::Source> good;
   bool bad = false;
   for (size_t i = 0; i < srcs.size(); ++i) {
     Verdict& v = verdicts[size_t(owner[i])];
     if (srcs[i].idx) v.msg = cpu::range_error(scans[i], numel);
+    if (v.msg.empty() && srcs[i].idx && scans[i].unsorted)
+      v.msg = "sparse indices must be strictly ascending (no duplicates)";
     if (!v.msg.empty()) {
       v.code = kPayloadError;
     } else if (finite && scans[i].nonfinite) {
       v.code = kNonFinite;
-      v.msg = "payload holds NaN or Inf values";
+      v.msg = "payload holds a value that is not finite in float32 after scale and cast";
+    } else if (scans[i].over) {
+      v.code = kPayloadError;
+      v.msg = "payload holds a decoded value over max_abs";
     }
     if (v.code != kOk) {
       v.end = -1;

@@ -130,16 +130,18 @@ struct Source {             // one payload's contribution: out[idx[j]] += float(
   uint8_t dcode = kF32;
   int64_t nnz = 0;
   float a = 1.0f;
+  float s = 1.0f;             // round_f32(scale): the value rule's decoded value is float(val[j]) * s
   bool sorted = true;         // indices strictly ascending (no duplicates): set from a scan
 };
 struct SourceScan {  // what scan_sources found in one source
   int64_t lo = INT64_MAX, hi = INT64_MIN;  // index range (untouched for dense sources)
   bool unsorted = false;                   // some index <= its predecessor
-  bool nonfinite = false;                  // some value NaN or Inf (when asked)
+  bool nonfinite = false;                  // some value breaks value_finite (when asked)
+  bool over = false;                       // some value breaks value_within (when a bound is set)
 };
-// Scans all sources in one parallel pass: index range and order, and with `finite` whether
-// every value is finite.  Writes nothing.
-std::vector<SourceScan> scan_sources(const std::vector<Source>& srcs, bool finite, int nthreads);
+// Scans all sources in one parallel pass: index range and order, and the value rule of
+// payload_format.h (with `finite`: value_finite; with max_abs < Inf: value_within).  Writes nothing.
+std::vector<SourceScan> scan_sources(const std::vector<Source>& srcs, bool finite, double max_abs, int nthreads);
 // "" when every index of the scan lies in [0, n), else the reason.
 std::string range_error(const SourceScan& scan, int64_t n);
 // out[0, n) += each source in order (per element: source order, then entry order; identical to

@@ -28,10 +28,12 @@ namespace {
 constexpr int64_t kBlock = 8192;  // output floats per block (32 KiB)
 constexpr int64_t kAhead = 32;    // entries prefetched ahead by the scatter loops
 
-// Wire value -> float with torch's conversions (x.to(torch.float32)).
+// Wire value -> float with torch's conversions (x.to(torch.float32)); doubles beyond float32's
+// range become +-Inf (round_f32: a plain cast would be undefined behaviour).
 template <typename V>
 inline float load_as(const V* p, int64_t j) {
   if constexpr (std::is_same<V, c10::Half>::value || std::is_same<V, c10::BFloat16>::value) return float(p[j]);
+  else if constexpr (std::is_same<V, double>::value) return round_f32(p[j]);
   else return static_cast<float>(p[j]);
 }
 
@@ -83,7 +85,8 @@ int64_t lower_bound_of(const I* idx, int64_t n, int64_t key) {
 
 }  // namespace
 
-std::vector<SourceScan> scan_sources(const std::vector<Source>& srcs, bool finite, int nthreads) {
+std::vector<SourceScan> scan_sources(const std::vector<Source>& srcs, bool finite, double max_abs, int nthreads) {
+  const bool bounded = !std::isinf(max_abs);
   constexpr int64_t kScanBlock = int64_t(1) << 18;
   std::vector<std::pair<size_t, int64_t>> blocks;  // (source, first entry)
   int64_t total = 0;
@@ -111,10 +114,15 @@ std::vector<SourceScan> scan_sources(const std::vector<Source>& srcs, bool finit
         out.hi = hi;
         out.unsorted = unsorted != 0;
       }
-      if (finite && src.dcode != kI8) {
+      if (finite) {  // the value rule (payload_format.h), int8 included: 127 * scale can overflow
         int bad = 0;
-        for (int64_t j = b; j < e; ++j) bad |= int(!std::isfinite(load_as(vp, j)));
+        for (int64_t j = b; j < e; ++j) bad |= int(!value_finite(load_as(vp, j), src.s, src.a));
         out.nonfinite = bad != 0;
+      }
+      if (bounded) {
+        int over = 0;
+        for (int64_t j = b; j < e; ++j) over |= int(!value_within(load_as(vp, j), src.s, max_abs));
+        out.over = over != 0;
       }
     });
   }
@@ -125,6 +133,7 @@ std::vector<SourceScan> scan_sources(const std::vector<Source>& srcs, bool finit
     r.hi = std::max(r.hi, part[k].hi);
     r.unsorted = r.unsorted || part[k].unsorted;
     r.nonfinite = r.nonfinite || part[k].nonfinite;
+    r.over = r.over || part[k].over;
   }
   return res;
 }

@@ -212,8 +212,8 @@ std::string scatter_add(Tensor out, const Tensor& idx, const Tensor& val, double
   const bool idx64 = idx.scalar_type() == at::kLong;
   const int vcode = dcode_of(val.scalar_type());
   Tensor mm = at::empty({2}, out.options().dtype(at::kLong));
-  Tensor fl = at::empty({2}, out.options().dtype(at::kInt));
-  ok(kern::scan_source(idx.data_ptr(), idx64, val.data_ptr(), vcode, idx.numel(), false,
+  Tensor fl = at::empty({3}, out.options().dtype(at::kInt));
+  ok(kern::scan_source(idx.data_ptr(), idx64, val.data_ptr(), vcode, idx.numel(), false, 1.0f, 1.0f, HUGE_VAL,
                        reinterpret_cast<long long*>(mm.data_ptr<int64_t>()), fl.data_ptr<int>(), stream()));
   const Tensor mmc = mm.cpu(), flc = fl.cpu();
   const int64_t lo = mmc.data_ptr<int64_t>()[0], hi = mmc.data_ptr<int64_t>()[1];
@@ -226,7 +226,8 @@ std::string scatter_add(Tensor out, const Tensor& idx, const Tensor& val, double
 }
 
 std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Tensor& offsets, double alpha,
-                                        int64_t slot, bool finite, bool require_checksum, bool skip_errors) {
+                                        int64_t slot, bool finite, double max_abs, bool require_checksum,
+                                        bool skip_errors) {
   check_unpack(out, bufs, offsets);
   c10::cuda::CUDAGuard guard(out.device());
   const int64_t ranks = bufs.size(0), cap = bufs.size(1), numel = out.numel();
@@ -236,7 +237,7 @@ std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Te
     int64_t rank, nnz;
     const uint8_t *idx, *val;
     int vcode;
-    float a;
+    float a, s;
     uint32_t slot;
   };
   std::vector<Src> srcs;
@@ -270,7 +271,7 @@ std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Te
       }
     }
     int code = kOk;
-    v.msg = check_meaning(h, numel, slot, &code);
+    v.msg = check_meaning(h, numel, slot, alpha, &code);
     v.code = code;
     if (!v.msg.empty()) continue;
     v.end = off[r] + kHeaderBytes + int64_t(h.body);
@@ -280,30 +281,37 @@ std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Te
     const uint8_t* body = dev + r * cap + off[r] + kHeaderBytes;
     const bool sparse = h.kind == kSparse;
     srcs.push_back({r, int64_t(h.nnz), sparse ? body : nullptr, sparse ? body + align8(4 * int64_t(h.nnz)) : body,
-                    int(h.dtype), float(alpha * h.scale), h.slot});
+                    int(h.dtype), round_f32(alpha * h.scale), round_f32(h.scale), h.slot});
   }
   // Index range, order and finiteness of every source on the device, one copy back.
   const int64_t ns = int64_t(srcs.size());
   std::vector<bool> sorted(srcs.size(), true);
   if (ns) {
     Tensor mm = at::empty({ns, 2}, out.options().dtype(at::kLong));
-    Tensor fl = at::empty({ns, 2}, out.options().dtype(at::kInt));
+    Tensor fl = at::empty({ns, 3}, out.options().dtype(at::kInt));
     for (int64_t i = 0; i < ns; ++i)
-      ok(kern::scan_source(srcs[i].idx, false, srcs[i].val, srcs[i].vcode, srcs[i].nnz, finite,
-                           reinterpret_cast<long long*>(mm.data_ptr<int64_t>()) + 2 * i, fl.data_ptr<int>() + 2 * i,
-                           stream()));
+      ok(kern::scan_source(srcs[i].idx, false, srcs[i].val, srcs[i].vcode, srcs[i].nnz, finite, srcs[i].s,
+                           srcs[i].a, max_abs, reinterpret_cast<long long*>(mm.data_ptr<int64_t>()) + 2 * i,
+                           fl.data_ptr<int>() + 3 * i, stream()));
     const Tensor mmc = mm.cpu(), flc = fl.cpu();
     for (int64_t i = 0; i < ns; ++i) {
       Verdict& v = vs[srcs[i].rank];
       const int64_t lo = mmc.data_ptr<int64_t>()[2 * i], hi = mmc.data_ptr<int64_t>()[2 * i + 1];
-      sorted[i] = flc.data_ptr<int>()[2 * i] == 0;
+      const int* f = flc.data_ptr<int>() + 3 * i;
+      sorted[i] = f[0] == 0;
       if (srcs[i].idx && (lo < 0 || hi >= numel)) {
         v.code = kPayloadError;
         v.msg = "sparse index out of range [0, " + std::to_string(numel) + "): min " + std::to_string(lo) +
                 ", max " + std::to_string(hi);
-      } else if (finite && flc.data_ptr<int>()[2 * i + 1]) {
+      } else if (srcs[i].idx && !sorted[i]) {
+        v.code = kPayloadError;
+        v.msg = "sparse indices must be strictly ascending (no duplicates)";
+      } else if (finite && f[1]) {
         v.code = kNonFinite;
-        v.msg = "payload for slot " + std::to_string(srcs[i].slot) + " holds NaN or Inf values";
+        v.msg = "payload holds a value that is not finite in float32 after scale and cast";
+      } else if (f[2]) {
+        v.code = kPayloadError;
+        v.msg = "payload holds a decoded value over max_abs";
       }
       if (v.code != kOk) v.end = -1;
     }

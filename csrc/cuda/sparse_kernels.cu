@@ -42,7 +42,7 @@ __device__ __forceinline__ float load_value(const void* p, int vcode, int64_t j)
   switch (vcode) {
     case 1: return __half2float(static_cast<const __half*>(p)[j]);
     case 2: return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[j]);
-    case 3: return float(static_cast<const double*>(p)[j]);  // round to nearest, as torch's .to(float32)
+    case 3: return __double2float_rn(static_cast<const double*>(p)[j]);  // round to nearest (overflow: Inf), as torch
     case 4: return float(static_cast<const int8_t*>(p)[j]);
     default: return static_cast<const float*>(p)[j];
   }
@@ -268,9 +268,11 @@ cudaError_t kth(Sample sample, int64_t s, int64_t top, uint32_t* bits, unsigned 
 
 // ---- scatter-add -------------------------------------------------------------------------------
 __global__ void scan_source_kernel(const void* idx, bool idx64, const void* val, int vcode, int64_t nnz,
-                                   bool check_finite, long long* minmax, int* flags) {
+                                   bool check_finite, float s, float a, double max_abs, long long* minmax,
+                                   int* flags) {
   long long lo = LLONG_MAX, hi = LLONG_MIN;
-  bool unsorted = false, nonfinite = false;
+  bool unsorted = false, nonfinite = false, over = false;
+  const bool bounded = !isinf(max_abs);
   for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < nnz; j += int64_t(gridDim.x) * blockDim.x) {
     if (idx) {
       const long long i = load_index(idx, idx64, j);
@@ -278,7 +280,12 @@ __global__ void scan_source_kernel(const void* idx, bool idx64, const void* val,
       hi = max(hi, i);
       unsorted |= j > 0 && load_index(idx, idx64, j - 1) >= i;
     }
-    if (check_finite && vcode != 4) nonfinite |= !isfinite(load_value(val, vcode, j));
+    if (check_finite || bounded) {  // the value rule: products rounded once (__fmul_rn), as on the CPU
+      const float v = load_value(val, vcode, j);
+      const float d = __fmul_rn(v, s);
+      if (check_finite) nonfinite |= !isfinite(d) || !isfinite(__fmul_rn(v, a));
+      if (bounded) over |= !(fabs(double(d)) <= max_abs);
+    }
   }
   if (idx) {
     atomicMin(&minmax[0], lo);
@@ -286,6 +293,7 @@ __global__ void scan_source_kernel(const void* idx, bool idx64, const void* val,
   }
   if (unsorted) atomicOr(&flags[0], 1);
   if (nonfinite) atomicOr(&flags[1], 1);
+  if (over) atomicOr(&flags[2], 1);
 }
 
 __global__ void preset_scan_kernel(long long* minmax, int* flags) {
@@ -293,6 +301,7 @@ __global__ void preset_scan_kernel(long long* minmax, int* flags) {
   minmax[1] = LLONG_MIN;
   flags[0] = 0;
   flags[1] = 0;
+  flags[2] = 0;
 }
 
 __global__ void apply_unique_kernel(float* __restrict__ out, const void* idx, bool idx64, const void* val, int vcode,
@@ -361,10 +370,11 @@ cudaError_t dgc_sampled_kth(const float* u, const float* v, const float* g, floa
 }
 
 cudaError_t scan_source(const void* idx, bool idx64, const void* val, int vcode, int64_t nnz, bool check_finite,
-                        long long* minmax, int* flags, cudaStream_t stream) {
+                        float s, float a, double max_abs, long long* minmax, int* flags, cudaStream_t stream) {
   preset_scan_kernel<<<1, 1, 0, stream>>>(minmax, flags);
-  if (nnz > 0) scan_source_kernel<<<grid_for(nnz, 256), 256, 0, stream>>>(idx, idx64, val, vcode, nnz, check_finite,
-                                                                          minmax, flags);
+  if (nnz > 0)
+    scan_source_kernel<<<grid_for(nnz, 256), 256, 0, stream>>>(idx, idx64, val, vcode, nnz, check_finite, s, a,
+                                                              max_abs, minmax, flags);
   return cudaGetLastError();
 }
 

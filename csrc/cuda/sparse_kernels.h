@@ -53,10 +53,12 @@ cudaError_t dgc_sampled_kth(const float* u, const float* v, const float* g, floa
 
 // ---- scatter-add ---------------------------------------------------------------------------------
 // Scans a source: minmax[0] = min index, minmax[1] = max index (LLONG_MAX / LLONG_MIN when
-// empty, preset by this call), flags[0] = 1 if indices are not strictly ascending,
-// flags[1] = 1 if check_finite and a value is NaN/Inf.  Value codes: commlib's DCode.
+// empty, preset by this call), flags[0] = 1 if indices are not strictly ascending; the value
+// rule of commlib/wire.py (payload_format.h) with s = round_f32(scale), a = round_f32(alpha *
+// scale): flags[1] = 1 if check_finite and float(val[j]) * s or float(val[j]) * a is not finite,
+// flags[2] = 1 if |float(val[j]) * s| > max_abs.  Value codes: commlib's DCode.
 cudaError_t scan_source(const void* idx, bool idx64, const void* val, int vcode, int64_t nnz, bool check_finite,
-                        long long* minmax, int* flags, cudaStream_t stream);
+                        float s, float a, double max_abs, long long* minmax, int* flags, cudaStream_t stream);
 
 // out[idx[j]] += float(val[j]) * a for j < nnz, in order (idx null: dense, idx[j] = j).
 // unique_sorted: indices strictly ascending (one thread per entry); otherwise one thread walks
