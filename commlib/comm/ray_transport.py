@@ -184,6 +184,10 @@ class LocalInbox:
                     self._held_since.pop(src)
                     self._release(src)
 
+    def pending(self) -> int:
+        """Messages ready to be taken."""
+        return self._q.qsize()
+
     def take(self, timeout: Optional[float]) -> Optional[Received]:
         if self._held_since:
             self._skip_old_gaps()

@@ -166,35 +166,80 @@ class PSWorker:
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> Dict[str, Any]:
-        """Work until the server says SHUTDOWN (or stays silent for ``worker_give_up`` seconds)."""
+        """Work until the server says SHUTDOWN (or stays silent for ``worker_give_up`` seconds).
+
+        The loop is :meth:`start`, then :meth:`next_frame` / :meth:`accept` / :meth:`ready` /
+        :meth:`compute` per frame; ``commlib.ps.worker_group`` drives the same steps for many
+        logical workers in one thread."""
         cfg = self.config
-        self._hello(fresh=True)
+        self.start()
         last_heard = time.monotonic()
         while True:
-            frame = self._next_frame(cfg.worker_timeout)
+            frame = self.next_frame(cfg.worker_timeout)
             if frame is None:
                 if time.monotonic() - last_heard > cfg.worker_give_up:
                     self.stats.status = "server lost"
                     break
-                self._hello(fresh=False)
+                self.say_hello()
                 continue
             last_heard = time.monotonic()
-            if frame.kind == FrameKind.SHUTDOWN:
-                self._send(Frame(FrameKind.BYE, self.worker_id, session=self.session))
-                self.stats.status = "shutdown"
+            step = self.accept(frame)
+            if self.finished:
                 break
-            if not self._reconcile(frame) or not self._load_params(frame):
-                continue
-            step = frame.step if cfg.mode == "sync" else self.seq + 1
-            try:
-                self.hooks.before_compute(self, step)
-            except RoundSkipped:  # e.g. a stall cut short by the next round's parameters
-                self.stats.skipped_rounds += 1
-                continue
-            if self.hooks.silent(self, step):
-                continue
-            self._push(frame, step)
+            if step is not None and self.ready(step):
+                self.compute(frame, step)
         return self.report()
+
+    @property
+    def finished(self) -> bool:
+        """True once the worker stopped (SHUTDOWN answered, or the server was lost)."""
+        return self.stats.status != "running"
+
+    def start(self) -> None:
+        """Say HELLO as a fresh process (the first thing a worker sends)."""
+        self._hello(fresh=True)
+
+    def say_hello(self) -> None:
+        """Say HELLO again (the server was silent for ``worker_timeout``)."""
+        self._hello(fresh=False)
+
+    def accept(self, frame: Frame) -> Optional[int]:
+        """Handle a frame from :meth:`next_frame`: SHUTDOWN is answered with BYE (the worker is
+        then :attr:`finished`); PARAMS bring the scheme state in line and load the parameters.
+        Returns the step to compute for, or None (nothing to compute)."""
+        if frame.kind == FrameKind.SHUTDOWN:
+            self._send(Frame(FrameKind.BYE, self.worker_id, session=self.session))
+            self.stats.status = "shutdown"
+            return None
+        if not self._reconcile(frame) or not self._load_params(frame):
+            return None
+        return frame.step if self.config.mode == "sync" else self.seq + 1
+
+    def ready(self, step: int) -> bool:
+        """The fault hooks before computing (they may wait, skip the round, or raise
+        ``WorkerCrashed``); False when nothing is to be computed and sent this step."""
+        try:
+            self.hooks.before_compute(self, step)
+        except RoundSkipped:  # e.g. a stall cut short by the next round's parameters
+            self.stats.skipped_rounds += 1
+            return False
+        return not self.hooks.silent(self, step)
+
+    def compute(self, frame: Frame, step: int) -> None:
+        """Compute the gradient at the loaded parameters and push the scheme's payloads."""
+        self._push(frame, step)
+
+    def wait(self, seconds: float, preemptible: bool = False) -> bool:
+        """Let ``seconds`` pass for a fault hook (a hang, a straggler, network delay). With
+        ``preemptible``, the wait ends early when the server sends a frame: returns True then
+        (see :meth:`stall`). A worker driven by ``commlib.ps.worker_group`` overrides this so
+        that waiting parks only this logical worker."""
+        if seconds <= 0:
+            return False
+        if preemptible:
+            return self.stall(seconds)
+        time.sleep(seconds)
+        return False
 
     def report(self) -> Dict[str, Any]:
         out = asdict(self.stats)
@@ -214,7 +259,7 @@ class PSWorker:
 
     def stall(self, seconds: float) -> bool:
         """Sleep up to ``seconds`` (a simulated stall); True if a frame from the server arrived
-        meanwhile (it is kept for the next :meth:`_next_frame`)."""
+        meanwhile (it is kept for the next :meth:`next_frame`)."""
         if self._stash:
             return True
         got = self.transport.recv(timeout=max(0.0, float(seconds)))
@@ -223,7 +268,7 @@ class PSWorker:
         self._stash.append(got)
         return True
 
-    def _next_frame(self, timeout: float) -> Optional[Frame]:
+    def next_frame(self, timeout: float) -> Optional[Frame]:
         """Wait for a frame from the server, then drain the inbox: the newest PARAMS (or a SHUTDOWN)."""
         newest: Optional[Frame] = None
         wait: Optional[float] = timeout
@@ -247,6 +292,8 @@ class PSWorker:
                 self.stats.ignored_frames += 1  # e.g. PARAMS addressed to this worker's previous process
                 continue
             newest = frame
+
+    _next_frame = next_frame  # the name tests and older callers use
 
     def _reconcile(self, frame: Frame) -> bool:
         """Bring the scheme state in line with what the server applied (see module docstring).

@@ -1,6 +1,7 @@
 """Simulation: a fault plan (crashes, hangs, Byzantine attacks, garbled bytes, network delay,
 stragglers from a bursty (B, W, lambda) model or a distribution) applied to a real
-parameter-server run, on a local Ray (default), a Ray cluster by address, or in-process.
+parameter-server run, on a local Ray (default), a Ray cluster by address, or in-process; with
+many logical workers per process (virtual workers, ``commlib.ps.worker_group``) or one each.
 
     commlib simulate --workers 5 --crash 1@40+3 --attack 2:sign-flipping --bursty 2,4,1 ...
 """

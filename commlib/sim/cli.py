@@ -15,6 +15,9 @@ gaussian, nan, inf, label-flipping, crash), ``--garbage W@STEP`` / ``--garbage-p
 ``--bursty B,W,LAMBDA[:DELAY]``, ``--iid-stragglers P[:DELAY]`` or ``--exp-delays
 SHIFT,RATE,SCALE``; or a JSON ``--plan``. ``--address`` joins a Ray cluster (``--spread``
 gives each worker actor a CPU, spread over the nodes); ``--backend inproc`` runs threads.
+Workers are virtual by default: ``--processes`` processes (default: one per CPU) each step a
+group of logical workers, so hundreds or thousands fit on a laptop; ``--process-per-worker``
+starts one actor per worker instead (a crash is then a real process death).
 Prints a progress bar and a summary table; writes OUT/sim.json and OUT/sim.png.
 """
 from __future__ import annotations
@@ -52,6 +55,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--spread", action="store_true",
                    help="Ray: one CPU per worker actor, spread over the cluster's nodes (default: 0 CPUs, packed)")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("scale (virtual workers)")
+    g.add_argument("--processes", type=int, default=None,
+                   help="worker processes, each hosting a group of logical workers (default: the CPUs of the "
+                        "local Ray, of the cluster with --address, or of this machine with --backend inproc)")
+    g.add_argument("--process-per-worker", action="store_true",
+                   help="one Ray actor (one thread in-process) per worker instead of virtual workers")
+    g.add_argument("--straggle", choices=("sleep", "skip"), default="sleep",
+                   help="a straggler's delay: real time (parks only that worker) or simulated (the round is "
+                        "given up at once, as if its push arrived after the round closed)")
     g = p.add_argument_group("scheme and training")
     g.add_argument("--compressor", default="identity")
     g.add_argument("--ratio", type=float, default=None)
@@ -213,7 +225,9 @@ def run(args) -> int:
             print(f"  worker {w}: {plan.faults(w).describe()}")
     if plan.stragglers is not None:
         print(f"  stragglers: {plan.stragglers.describe()}")
-    print(f"  starting {args.workers} workers ...", flush=True)
+    print(f"  starting {args.workers} workers "
+          + ("(one process each)" if args.process_per_worker else
+             f"(virtual: {args.processes or 'one per CPU'} processes)") + " ...", flush=True)
     bar = None
 
     def on_step(rec: Dict[str, Any]) -> None:
@@ -233,7 +247,8 @@ def run(args) -> int:
     try:
         result = simulate(plan, task, scheme, config, backend=args.backend, address=args.address,
                           num_cpus=args.num_cpus, on_step=on_step,
-                          worker_options={"num_cpus": 1, "scheduling_strategy": "SPREAD"} if args.spread else None)
+                          worker_options={"num_cpus": 1, "scheduling_strategy": "SPREAD"} if args.spread else None,
+                          virtual=not args.process_per_worker, processes=args.processes, straggle=args.straggle)
     finally:
         if bar is not None:
             bar.close()
