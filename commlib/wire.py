@@ -47,7 +47,7 @@ message cannot make the receiver expand it into gigabytes.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -100,6 +100,8 @@ class Payload:
     scale: float = 1.0
     slot: int = 0
     flags: Flag = Flag.NONE
+    #: Offset of this payload's bytes in the send buffer it was packed into (``view``), else None.
+    packed_at: Optional[int] = field(default=None, compare=False, repr=False)
 
     # ---- construction helpers -------------------------------------------------
     @classmethod
@@ -120,6 +122,20 @@ class Payload:
     def skip(cls, numel: int, *, slot: int = 0, dtype: torch.dtype = torch.float32,
              device: Union[str, torch.device] = "cpu") -> "Payload":
         return cls(Kind.SKIP, int(numel), torch.empty(0, dtype=dtype, device=device), None, 0, 1.0, slot)
+
+    @classmethod
+    def view(cls, buf: torch.Tensor, offset: int, kind: Kind, numel: int, nnz: int, dtype: torch.dtype, *,
+             slot: int = 0, scale: float = 1.0, flags: Flag = Flag.NONE, seed: int = 0) -> "Payload":
+        """The payload a packing op just wrote at buf[offset:], as views of its sections (no copy,
+        no validation: the caller wrote these bytes itself); ``packed_at`` records the offset."""
+        pos = offset + PAYLOAD_HEADER_BYTES
+        indices = None
+        if kind == Kind.SPARSE:
+            indices = buf[pos:pos + 4 * nnz].view(torch.int32)
+            pos += _align8(4 * nnz)
+        values = buf[pos:pos + nnz * torch.empty(0, dtype=dtype).element_size()].view(dtype)
+        return cls(kind, int(numel), values, indices, int(seed), float(scale), int(slot), Flag(int(flags)),
+                   packed_at=offset)
 
     # ---- sizes ----------------------------------------------------------------
     @property
