@@ -1,5 +1,10 @@
 """The one message format: a ``Payload`` per tensor, a ``Message`` per send.
 
+Layers: ``commlib.wire_format`` holds the binary layout (constants, kinds, flags, header structs,
+alignment, dtype codes, header parsing) and ``commlib.value_rule`` the value rule; the packing
+ops of ``commlib.ops`` build on those two, and this module (Payload, Message) on all three. Their
+names are re-exported here.
+
 Binary layout (little-endian, every section 8-byte aligned so a received ``uint8`` buffer
 can be viewed as int32/float tensors without a copy):
 
