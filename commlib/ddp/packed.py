@@ -22,8 +22,8 @@ from commlib import ops
 from commlib.aggregate.base import mean_divisor
 from commlib.errors import PayloadError
 from commlib.wire import Message, seal_crc
-from commlib.wire_format import (KIND_OFFSET, MESSAGE_HEADER_BYTES, Kind, pack_message_header,
-                                 parse_message_header)
+from commlib.wire_format import (DTYPES, KIND_OFFSET, MESSAGE_HEADER_BYTES, PAYLOAD_HEADER_BYTES, Kind,
+                                 index_bytes, itemsize, pack_message_header, parse_message_header)
 
 
 def seal(msg: Message, buf: torch.Tensor, checksum: bool = False) -> int:
@@ -93,24 +93,53 @@ def gathered_mean(rows: torch.Tensor, sections: Sequence[torch.Tensor], *, step:
             used[r] = -1
             reject(r)
     ranks = [r for r in range(n) if used[r] >= 0]
-    # each accepted payload's kind (SKIP: the sender skipped a non-finite tensor): one gather
-    kinds = [[] for _ in sections]
-    if ranks and sections:
-        pos = torch.tensor([r * cap + starts[j][r] + KIND_OFFSET for j in range(len(sections)) for r in ranks],
-                           dtype=torch.int64, device=rows.device)
-        flat_kinds = rows.view(-1)[pos].tolist()
-        kinds = [flat_kinds[j * len(ranks):(j + 1) * len(ranks)] for j in range(len(sections))]
+    heads = _payload_headers(rows, starts, ranks)
     divs = []
     for j, sec in enumerate(sections):
-        div = mean_divisor(n, sum(1 for k in kinds[j] if k != Kind.SKIP), increments)
+        div = mean_divisor(n, sum(1 for r in ranks if heads[j, r]["kind"] != Kind.SKIP), increments)
         divs.append(div)
         if div:
             sec.div_(div)
-    # valid payloads are finite in float32, but a sum of several can overflow: redo those in float64
-    if sections and not bool(torch.isfinite(torch.stack([s.sum(dtype=torch.float64) for s in sections])).all()):
+    # Valid payloads are finite in float32, but a sum of several can overflow. Only possible when
+    # some |value * scale| exceeds FLT_MAX / (2n): the bound reads the payloads' values (nnz
+    # entries, one sync), not the bucket; past it the exact check and a float64 redo follow.
+    if sections and 2 * n * _peak(rows, heads) >= torch.finfo(torch.float32).max and \
+            not bool(torch.isfinite(torch.stack([s.sum(dtype=torch.float64) for s in sections])).all()):
         for j, sec in enumerate(sections):
             if bool(torch.isfinite(sec).all()):
                 continue
             exact = torch.zeros(sec.numel(), dtype=torch.float64, device=sec.device)
             ops.unpack_scatter_add_(exact, rows, starts[j], slot=j, require_checksum=checksum, max_abs=max_abs)
             sec.copy_(exact.div_(divs[j]) if divs[j] else exact)
+
+
+def _payload_headers(rows: torch.Tensor, starts: Sequence[Sequence[int]], ranks: Sequence[int]) -> dict:
+    """(tensor j, rank r) -> kind, dtype, nnz, scale and start of every accepted payload: its
+    64 header bytes for all of them in one gather (one host copy)."""
+    cap = rows.size(1)
+    pairs = [(j, r) for j in range(len(starts)) for r in ranks]
+    if not pairs:
+        return {}
+    base = torch.tensor([r * cap + starts[j][r] for j, r in pairs], dtype=torch.int64, device=rows.device)
+    raw = rows.view(-1)[base[:, None] + torch.arange(PAYLOAD_HEADER_BYTES, device=rows.device)].cpu().numpy()
+    nnz = raw[:, 24:32].copy().view("<u8").reshape(-1)
+    scale = raw[:, 40:48].copy().view("<f8").reshape(-1)
+    return {(j, r): {"kind": int(raw[p, KIND_OFFSET]), "dtype": DTYPES[int(raw[p, KIND_OFFSET + 1])],
+                     "nnz": int(nnz[p]), "scale": float(scale[p]), "start": starts[j][r]}
+            for p, (j, r) in enumerate(pairs)}
+
+
+def _peak(rows: torch.Tensor, heads: dict) -> float:
+    """max |value * scale| over the accepted payloads (their values only: one cat, one sync)."""
+    views, scales, counts = [], [], []
+    for (_j, r), h in heads.items():
+        if h["nnz"] == 0 or h["kind"] not in (Kind.SPARSE, Kind.DENSE):
+            continue
+        pos = h["start"] + PAYLOAD_HEADER_BYTES + index_bytes(Kind(h["kind"]), h["nnz"])
+        views.append(rows[r, pos:pos + h["nnz"] * itemsize(h["dtype"])].view(h["dtype"]).to(torch.float64))
+        scales.append(h["scale"])
+        counts.append(h["nnz"])
+    if not views:
+        return 0.0
+    scale = torch.repeat_interleave(torch.tensor(scales, dtype=torch.float64), torch.tensor(counts))
+    return float((torch.cat(views).abs() * scale.to(rows.device)).max())
