@@ -307,8 +307,9 @@ class SchemeWorker:
                 p = fb.worker_step(self.state.setdefault(key, {}), flat, comp, ctx)
                 p.slot = slot
             if buf is not None:
-                # a payload the compressor packed in place is already there; anything else is copied in
-                offset = offset + p.nbytes if p.packed_at == offset else p.encode_into(buf, offset)
+                # a payload the compressor packed in place is already there (unless the feedback changed
+                # a header field since, as EF21-W's scale); anything else is (re)written
+                offset = offset + p.nbytes if p.is_packed_at(offset) else p.encode_into(buf, offset)
             out.append(p)
         return out, offset
 

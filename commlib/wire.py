@@ -105,8 +105,9 @@ class Payload:
     scale: float = 1.0
     slot: int = 0
     flags: Flag = Flag.NONE
-    #: Offset of this payload's bytes in the send buffer it was packed into (``view``), else None.
-    packed_at: Optional[int] = field(default=None, compare=False, repr=False)
+    #: What ``view`` recorded when the payload was packed into a send buffer (offset and header
+    #: fields), else None: ``is_packed_at`` tells whether those bytes still stand for it.
+    packed_as: Optional[tuple] = field(default=None, compare=False, repr=False)
 
     # ---- construction helpers -------------------------------------------------
     @classmethod
@@ -132,15 +133,25 @@ class Payload:
     def view(cls, buf: torch.Tensor, offset: int, kind: Kind, numel: int, nnz: int, dtype: torch.dtype, *,
              slot: int = 0, scale: float = 1.0, flags: Flag = Flag.NONE, seed: int = 0) -> "Payload":
         """The payload a packing op just wrote at buf[offset:], as views of its sections (no copy,
-        no validation: the caller wrote these bytes itself); ``packed_at`` records the offset."""
+        no validation: the caller wrote these bytes itself); ``is_packed_at(offset)`` then holds."""
         pos = offset + PAYLOAD_HEADER_BYTES
         indices = None
         if kind == Kind.SPARSE:
             indices = buf[pos:pos + 4 * nnz].view(torch.int32)
             pos += _align8(4 * nnz)
         values = buf[pos:pos + nnz * torch.empty(0, dtype=dtype).element_size()].view(dtype)
-        return cls(kind, int(numel), values, indices, int(seed), float(scale), int(slot), Flag(int(flags)),
-                   packed_at=offset)
+        p = cls(kind, int(numel), values, indices, int(seed), float(scale), int(slot), Flag(int(flags)))
+        p.packed_as = p._packed_key(offset)
+        return p
+
+    def _packed_key(self, offset: int) -> tuple:
+        return (offset, self.kind, self.numel, self.nnz, self.values.dtype, self.values.data_ptr(), self.seed,
+                self.scale, self.slot, int(self.flags))
+
+    def is_packed_at(self, offset: int) -> bool:
+        """True when this payload was packed at ``offset`` (``view``) and nothing in it changed since
+        but its values in place (which change the packed bytes too)."""
+        return self.packed_as is not None and self.packed_as == self._packed_key(offset)
 
     # ---- sizes ----------------------------------------------------------------
     @property

@@ -42,6 +42,7 @@ SCHEMES = [
     dict(compressor="topk", ratio=0.05, feedback="econtrol", feedback_options={"eta": 0.2}),
     dict(compressor="randk", ratio=0.1, feedback="ef"),
     dict(compressor="bf16", feedback="ef"),
+    dict(compressor="dgc", ratio=0.02, feedback="ef21-w", feedback_options={"smoothness": [1.0, 3.0]}),
 ]
 
 

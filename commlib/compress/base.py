@@ -79,7 +79,7 @@ class Compressor(ABC):
     def pack_(self, buf: torch.Tensor, offset: int, x: torch.Tensor, *, ratio: Optional[float] = None,
               seed: int = 0, slot: int = 0) -> Payload:
         """``compress`` written straight into a send buffer at buf[offset:] (8-byte aligned, room for
-        ``max_bytes``): returns the payload as views of the bytes written (``packed_at`` = offset).
+        ``max_bytes``): returns the payload as views of the bytes written (``is_packed_at(offset)``).
         Compressors with a fused kernel (DGC's selection) override it; this default compresses,
         then copies the payload in."""
         p = self.compress(x, ratio=ratio, seed=seed, slot=slot)

@@ -61,8 +61,8 @@ class Feedback(ABC):
 
     def _compress(self, compressor: Compressor, x: torch.Tensor, ctx: StepContext) -> Payload:
         """C(x); with a send buffer in ``ctx.out`` the compressor writes it there (``Compressor.pack_``)
-        and the payload views those bytes: a feedback must then not change its header fields
-        (kind, scale, flags, slot) afterwards, and any in-place change to its values is sent."""
+        and the payload views those bytes: an in-place change to its values is what is sent; a
+        changed header field (e.g. EF21-W's scale) makes the worker write the payload again."""
         if ctx.out is not None:
             return compressor.pack_(ctx.out, ctx.offset, x, ratio=ctx.ratio, seed=ctx.seed, slot=ctx.slot)
         return compressor.compress(x, ratio=ctx.ratio, seed=ctx.seed, slot=ctx.slot)
