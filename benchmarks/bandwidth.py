@@ -466,7 +466,7 @@ def markdown_table(rows: List[Dict[str, Any]], skipped: List[Dict[str, Any]]) ->
 
 def breakdown_table(rows: List[Dict[str, Any]], records: List[Dict[str, Any]]) -> str:
     compute = {r["model"]: r.get("compute_step_s") for r in records if r.get("compute_step_s")}
-    out = ["| link | model | scheme | step (ms) | compute fwd+bwd+opt (ms) | hook encode (ms) | collective (ms) | "
+    out = ["| link | model | scheme | step (ms) | compute fwd+bwd+opt (ms) | hook encode (ms) | collective / link (ms) | "
            "decode (ms) |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = r["breakdown_ms"]
