@@ -27,6 +27,7 @@ BENCHMARKS = [
     ("privacy", "privacy.py", ["--quick"], 600),
     ("stragglers", "stragglers.py", ["--quick"], 600),
     ("bandwidth", "bandwidth.py", ["--quick"], 900),
+    ("time_to_accuracy", "time_to_accuracy.py", ["--quick"], 900),
 ]
 
 

@@ -12,7 +12,7 @@ with ``state_dict()`` and restored with ``load_state_dict()``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -267,6 +267,19 @@ class SchemeWorker:
         ``grads`` are flat views; ``shapes`` the original shapes (decide which are compressed).
         Non-finite gradients follow the scheme's policy (one host sync for the whole group).
         """
+        return self._encode(keys, grads, shapes, params, None, 0)[0]
+
+    def encode_group_into(self, buf: torch.Tensor, offset: int, keys: Sequence[str], grads: Sequence[torch.Tensor],
+                          shapes: Optional[Sequence[Sequence[int]]] = None,
+                          params: Optional[Sequence[Optional[torch.Tensor]]] = None) -> Tuple[List[Payload], int]:
+        """``encode_group`` writing the payloads back to back into the flat uint8 ``buf`` from
+        ``offset`` (8-byte aligned; room for ``max_bytes`` of each): compressors with a fused
+        kernel select and pack in one pass (DGC: momentum correction too), others are copied in.
+        Returns the payloads (views of the bytes written) and the end offset."""
+        return self._encode(keys, grads, shapes, params, buf, offset)
+
+    def _encode(self, keys, grads, shapes, params, buf: Optional[torch.Tensor],
+                offset: int) -> Tuple[List[Payload], int]:
         if len(keys) != len(grads):
             raise ConfigError("keys and grads differ in length")
         shapes = shapes if shapes is not None else [tuple(g.shape) for g in grads]
@@ -284,17 +297,21 @@ class SchemeWorker:
                         f"gradient of {key!r} is non-finite on the first step: {type(fb).__name__} "
                         "cannot initialise its state from it")
                 self.stats.skipped += 1
-                out.append(Payload.skip(flat.numel(), slot=slot, dtype=flat.dtype, device=flat.device))
-                continue
-            comp = self.scheme.compressor_for(shapes[slot])
-            ctx = StepContext(rank=self.rank, world_size=self.world_size, step=self.step, ratio=ratio,
-                              seed=_mix_seed(self.scheme.seed, self.rank, self.step, slot), slot=slot,
-                              dense=comp.is_identity,
-                              param=None if params is None else params[slot])
-            p = fb.worker_step(self.state.setdefault(key, {}), flat, comp, ctx)
-            p.slot = slot
+                p = Payload.skip(flat.numel(), slot=slot, dtype=flat.dtype, device=flat.device)
+            else:
+                comp = self.scheme.compressor_for(shapes[slot])
+                ctx = StepContext(rank=self.rank, world_size=self.world_size, step=self.step, ratio=ratio,
+                                  seed=_mix_seed(self.scheme.seed, self.rank, self.step, slot), slot=slot,
+                                  dense=comp.is_identity, param=None if params is None else params[slot],
+                                  out=buf, offset=offset)
+                p = fb.worker_step(self.state.setdefault(key, {}), flat, comp, ctx)
+                p.slot = slot
+            if buf is not None:
+                # a payload the compressor packed in place is already there (unless the feedback changed
+                # a header field since, as EF21-W's scale); anything else is (re)written
+                offset = offset + p.nbytes if p.is_packed_at(offset) else p.encode_into(buf, offset)
             out.append(p)
-        return out
+        return out, offset
 
     def max_bytes(self, key: str, shape: Sequence[int], dtype: torch.dtype) -> int:
         """Upper bound on this step's payload size for a tensor (fixed-capacity collectives).

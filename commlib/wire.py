@@ -1,5 +1,10 @@
 """The one message format: a ``Payload`` per tensor, a ``Message`` per send.
 
+Layers: ``commlib.wire_format`` holds the binary layout (constants, kinds, flags, header structs,
+alignment, dtype codes, header parsing) and ``commlib.value_rule`` the value rule; the packing
+ops of ``commlib.ops`` build on those two, and this module (Payload, Message) on all three. Their
+names are re-exported here.
+
 Binary layout (little-endian, every section 8-byte aligned so a received ``uint8`` buffer
 can be viewed as int32/float tensors without a copy):
 
@@ -46,63 +51,25 @@ message cannot make the receiver expand it into gigabytes.
 """
 from __future__ import annotations
 
-import enum
 import math
-import struct
-import zlib
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from commlib import ops
 from commlib.errors import NonFiniteError, PayloadError
-
-VERSION = 1
-PAYLOAD_MAGIC = b"CLPL"
-MESSAGE_MAGIC = b"CLMS"
-MAX_NUMEL = 1 << 40  # sanity bound: a header claiming more is corrupt
-#: Entries a payload (or a whole Message) decoded *without* an expected size may stand for:
-#: 2^26 = 64 Mi entries (256 MiB as float32). Receivers that know their tensors pass
-#: ``numel``/``numels`` and are not capped; raise it (or pass ``max_numel``) for larger tensors.
-DEFAULT_MAX_NUMEL = 1 << 26
-
-_PHDR = struct.Struct("<4sHBBIIQQQdIIQ")
-_MHDR = struct.Struct("<4sHHIIQQ")
-PAYLOAD_HEADER_BYTES = _PHDR.size  # 64
-MESSAGE_HEADER_BYTES = _MHDR.size  # 32
-assert PAYLOAD_HEADER_BYTES == 64 and MESSAGE_HEADER_BYTES == 32
-
-
-class Kind(enum.IntEnum):
-    DENSE = 0  # values hold every entry (nnz == numel)
-    SPARSE = 1  # indices + values
-    RANDK = 2  # values only; indices regenerated from a shared seed
-    SKIP = 3  # nothing this step (e.g. the sender's gradient was non-finite)
-
-
-class Flag(enum.IntFlag):
-    NONE = 0
-    RESET = 1  # values are a full state value (first EF21/EControl step), not an increment
-    CHECKSUM = 2  # crc field is valid
-
-
-_ALL_FLAGS = int(Flag.RESET | Flag.CHECKSUM)
-
-
-DTYPES: Tuple[torch.dtype, ...] = (
-    torch.float32,
-    torch.float16,
-    torch.bfloat16,
-    torch.float64,
-    torch.int8,
+# the layout and the value rule live below this module (commlib.ops builds on them too);
+# re-exported here so ``from commlib.wire import ...`` keeps working
+from commlib.value_rule import check_scale, check_values, product_in as _product_in, round_to as _round_to  # noqa: F401
+from commlib.wire_format import (  # noqa: F401
+    ALL_FLAGS as _ALL_FLAGS, DEFAULT_MAX_NUMEL, DTYPE_CODE as _DTYPE_CODE, DTYPES, MAX_NUMEL, MESSAGE_HEADER as _MHDR,
+    MESSAGE_HEADER_BYTES, MESSAGE_MAGIC, PAYLOAD_HEADER as _PHDR, PAYLOAD_HEADER_BYTES, PAYLOAD_MAGIC, VERSION, Flag,
+    Kind, align8 as _align8, body_bytes, check_crc, check_indices, pack_message_header, pack_payload_header,
+    parse_message_header, payload_crc, payload_max_bytes, read_payload, with_crc,
 )
-_DTYPE_CODE = {dt: i for i, dt in enumerate(DTYPES)}
 
 FinitePolicy = str  # "reject" (raise NonFiniteError) or "allow"
-
-
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
 
 
 def randk_indices(numel: int, k: int, seed: int, device: Union[str, torch.device] = "cpu") -> torch.Tensor:
@@ -116,74 +83,14 @@ def randk_indices(numel: int, k: int, seed: int, device: Union[str, torch.device
     return idx.to(device)
 
 
-_PACK_CODE = {torch.float32: "<f", torch.float16: "<e"}
-
-
-def _round_to(x: float, dtype: torch.dtype) -> float:
-    """IEEE round-to-nearest of a Python float into ``dtype`` (overflow gives +-Inf), as a float."""
-    if dtype == torch.float64 or x != x:
-        return float(x)
-    code = _PACK_CODE.get(dtype)
-    if code is None:  # bfloat16: no struct format
-        return float(torch.tensor(x, dtype=torch.float64).to(dtype))
-    try:
-        return struct.unpack(code, struct.pack(code, x))[0]
-    except OverflowError:  # struct refuses what rounds to Inf
-        return math.copysign(math.inf, x)
-
-
-def _product_in(a: float, b: float, dtype: torch.dtype) -> float:
-    """round_dtype(a * b) for a, b representable in ``dtype``: the exact product rounded once
-    (float32/16/bf16 products are exact in float64, so one rounding of the double product)."""
-    return _round_to(a * b, dtype)
-
-
-def check_scale(scale: float, *, target: torch.dtype = torch.float32, alpha: float = 1.0) -> None:
-    """The scale half of the value rule (module docstring); raises NonFiniteError/PayloadError."""
-    if not math.isfinite(scale):
-        raise NonFiniteError(f"payload scale is {scale}")
-    if not scale > 0:
-        raise PayloadError(f"payload scale must be > 0, got {scale!r}")
-    s_t = _round_to(scale, target)
-    if not math.isfinite(s_t):
-        raise NonFiniteError(f"payload scale {scale!r} overflows {target}")
-    if s_t < torch.finfo(target).tiny:
-        raise PayloadError(f"payload scale {scale!r} is not a normal {target} number")
-    if alpha != 1.0 and not math.isfinite(_round_to(float(alpha) * scale, target)):
-        raise NonFiniteError(f"alpha * scale = {float(alpha) * scale!r} overflows {target}")
-
-
-def check_values(values: torch.Tensor, scale: float, *, target: torch.dtype = torch.float32,
-                 alpha: float = 1.0, max_abs: Optional[float] = None, finite: bool = True,
-                 slot: int = 0) -> None:
-    """The value rule of the module docstring for one payload's values (any wire dtype).
-
-    Rounding to ``target`` and multiplying by a positive number are monotone, so the rule holds
-    for every value iff it holds for the largest magnitude: one ``aminmax`` pass, then scalars.
-    Raises NonFiniteError (a non-finite value, or one that overflows ``target`` after scale and
-    cast) or PayloadError (a bad scale, or a value over ``max_abs``).
-    """
-    if target not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        raise PayloadError(f"unsupported target dtype {target}")
-    check_scale(scale, target=target, alpha=alpha)
-    if values.numel() == 0 or (not finite and max_abs is None):
-        return
-    lo, hi = (float(v) for v in torch.aminmax(values))
-    if not (math.isfinite(lo) and math.isfinite(hi)):
-        if finite:
-            raise NonFiniteError(f"payload for slot {slot} holds NaN or Inf values")
-        peak = float("nan")
-    else:
-        peak = _round_to(max(-lo, hi), target)
-    s_t = _round_to(scale, target)
-    decoded = _product_in(peak, s_t, target) if peak == peak else peak
-    if finite:
-        addend = decoded if alpha == 1.0 else _product_in(peak, _round_to(float(alpha) * scale, target), target)
-        if not (math.isfinite(decoded) and math.isfinite(addend)):
-            raise NonFiniteError(f"payload for slot {slot}: a value (max |value| {max(-lo, hi):g}, scale "
-                                 f"{scale:g}) is not finite in {target}")
-    if max_abs is not None and not abs(decoded) <= max_abs:
-        raise PayloadError(f"payload for slot {slot}: decoded |value| up to {abs(decoded):g} exceeds max_abs {max_abs:g}")
+def seal_crc(buf: torch.Tensor, offset: int, end: int) -> None:
+    """Set Flag.CHECKSUM and the CRC-32 of the payload written at buf[offset:end] (its padding
+    already zeroed); a CUDA buffer is copied to the host once for it."""
+    host = buf[offset:end].cpu().numpy().tobytes()
+    hdr = with_crc(host[:PAYLOAD_HEADER_BYTES], 0)
+    crc = payload_crc(hdr, host[PAYLOAD_HEADER_BYTES:])
+    buf[offset:offset + PAYLOAD_HEADER_BYTES].copy_(
+        torch.frombuffer(bytearray(with_crc(hdr, crc)), dtype=torch.uint8))
 
 
 @dataclass
@@ -198,6 +105,9 @@ class Payload:
     scale: float = 1.0
     slot: int = 0
     flags: Flag = Flag.NONE
+    #: What ``view`` recorded when the payload was packed into a send buffer (offset and header
+    #: fields), else None: ``is_packed_at`` tells whether those bytes still stand for it.
+    packed_as: Optional[tuple] = field(default=None, compare=False, repr=False)
 
     # ---- construction helpers -------------------------------------------------
     @classmethod
@@ -219,6 +129,30 @@ class Payload:
              device: Union[str, torch.device] = "cpu") -> "Payload":
         return cls(Kind.SKIP, int(numel), torch.empty(0, dtype=dtype, device=device), None, 0, 1.0, slot)
 
+    @classmethod
+    def view(cls, buf: torch.Tensor, offset: int, kind: Kind, numel: int, nnz: int, dtype: torch.dtype, *,
+             slot: int = 0, scale: float = 1.0, flags: Flag = Flag.NONE, seed: int = 0) -> "Payload":
+        """The payload a packing op just wrote at buf[offset:], as views of its sections (no copy,
+        no validation: the caller wrote these bytes itself); ``is_packed_at(offset)`` then holds."""
+        pos = offset + PAYLOAD_HEADER_BYTES
+        indices = None
+        if kind == Kind.SPARSE:
+            indices = buf[pos:pos + 4 * nnz].view(torch.int32)
+            pos += _align8(4 * nnz)
+        values = buf[pos:pos + nnz * torch.empty(0, dtype=dtype).element_size()].view(dtype)
+        p = cls(kind, int(numel), values, indices, int(seed), float(scale), int(slot), Flag(int(flags)))
+        p.packed_as = p._packed_key(offset)
+        return p
+
+    def _packed_key(self, offset: int) -> tuple:
+        return (offset, self.kind, self.numel, self.nnz, self.values.dtype, self.values.data_ptr(), self.seed,
+                self.scale, self.slot, int(self.flags))
+
+    def is_packed_at(self, offset: int) -> bool:
+        """True when this payload was packed at ``offset`` (``view``) and nothing in it changed since
+        but its values in place (which change the packed bytes too)."""
+        return self.packed_as is not None and self.packed_as == self._packed_key(offset)
+
     # ---- sizes ----------------------------------------------------------------
     @property
     def nnz(self) -> int:
@@ -229,8 +163,7 @@ class Payload:
         return self.values.device
 
     def body_bytes(self) -> int:
-        idx = _align8(4 * self.nnz) if self.kind == Kind.SPARSE else 0
-        return idx + _align8(self.nnz * self.values.element_size())
+        return body_bytes(self.kind, self.nnz, self.values.dtype)
 
     @property
     def nbytes(self) -> int:
@@ -240,9 +173,7 @@ class Payload:
     @staticmethod
     def max_bytes(kind: Kind, max_nnz: int, dtype: torch.dtype) -> int:
         """Upper bound on ``nbytes`` for a payload of this kind carrying at most max_nnz values."""
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        idx = _align8(4 * max_nnz) if kind == Kind.SPARSE else 0
-        return PAYLOAD_HEADER_BYTES + idx + _align8(max_nnz * itemsize)
+        return payload_max_bytes(kind, max_nnz, dtype)
 
     # ---- decoding into dense --------------------------------------------------
     def dense_indices(self) -> Optional[torch.Tensor]:
@@ -255,8 +186,6 @@ class Payload:
 
     def add_to(self, out: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
         """out += alpha * decode(self), in place; out is a flat tensor of length numel."""
-        from commlib import ops  # local: ops may load the native extension
-
         if out.numel() != self.numel:
             raise PayloadError(f"payload stands for {self.numel} entries, target has {out.numel()}")
         if self.kind == Kind.SKIP or self.nnz == 0:
@@ -305,17 +234,7 @@ class Payload:
         if finite not in ("reject", "allow"):
             raise PayloadError(f"unknown finiteness policy {finite!r}")
         if self.kind == Kind.SPARSE:
-            idx = self.indices
-            if idx is None or idx.dtype != torch.int32 or idx.dim() != 1 or idx.numel() != n:
-                raise PayloadError("sparse payload needs int32 indices, one per value")
-            if n:
-                lo, hi = torch.aminmax(idx)
-                if int(lo) < 0 or int(hi) >= self.numel:
-                    raise PayloadError(
-                        f"sparse index out of range [0, {self.numel}): min {int(lo)}, max {int(hi)}"
-                    )
-                if n > 1 and not bool((idx[1:] > idx[:-1]).all()):
-                    raise PayloadError("sparse indices must be strictly ascending (no duplicates)")
+            check_indices(self.indices, n, self.numel)
         elif self.indices is not None:
             raise PayloadError(f"{self.kind.name} payload must not carry indices")
         check_values(self.values, float(self.scale), target=target, max_abs=max_abs,
@@ -324,11 +243,8 @@ class Payload:
 
     # ---- encoding ---------------------------------------------------------------
     def _header(self, crc: int, flags: int) -> bytes:
-        return _PHDR.pack(
-            PAYLOAD_MAGIC, VERSION, int(self.kind), _DTYPE_CODE[self.values.dtype], int(flags),
-            int(self.slot), int(self.numel), self.nnz, int(self.seed) & 0xFFFF_FFFF_FFFF_FFFF,
-            float(self.scale), self.body_bytes(), crc, 0,
-        )
+        return pack_payload_header(self.kind, self.values.dtype, flags, self.slot, self.numel, self.nnz, self.seed,
+                                   self.scale, self.body_bytes(), crc)
 
     def encode_into(self, buf: torch.Tensor, offset: int = 0, checksum: bool = False) -> int:
         """Write this payload into a flat uint8 tensor (any device) at offset; return the end.
@@ -353,13 +269,8 @@ class Payload:
         if nb:
             buf[pos:pos + nb].view(self.values.dtype).copy_(self.values)
         if checksum:
-            pad = pos + nb
-            buf[pad:end] = 0  # padding is covered by the CRC: make it deterministic
-            hdr = self._header(0, flags | int(Flag.CHECKSUM))
-            body = buf[offset + PAYLOAD_HEADER_BYTES:end].cpu().numpy()
-            crc = zlib.crc32(body, zlib.crc32(hdr))
-            buf[offset:offset + PAYLOAD_HEADER_BYTES].copy_(
-                torch.frombuffer(bytearray(self._header(crc, flags | int(Flag.CHECKSUM))), dtype=torch.uint8))
+            buf[pos + nb:end] = 0  # padding is covered by the CRC: make it deterministic
+            seal_crc(buf, offset, end)
         return end
 
     def to_bytes(self, checksum: bool = True) -> bytes:
@@ -372,7 +283,7 @@ class Payload:
         flags = int(self.flags) | (int(Flag.CHECKSUM) if checksum else 0)
         if not checksum:
             flags &= ~int(Flag.CHECKSUM)
-        crc = zlib.crc32(self._header(0, flags) + raw) if checksum else 0
+        crc = payload_crc(self._header(0, flags), raw) if checksum else 0
         return self._header(crc, flags) + raw
 
     # ---- decoding -----------------------------------------------------------------
@@ -389,70 +300,15 @@ class Payload:
         (module docstring). Without an expected ``numel`` the payload may stand for at most
         ``max_numel`` entries (default ``DEFAULT_MAX_NUMEL``).
         """
-        if buf.dtype != torch.uint8 or buf.dim() != 1:
-            raise PayloadError("decode needs a flat uint8 buffer")
-        total = buf.numel()
-        if offset < 0 or offset + PAYLOAD_HEADER_BYTES > total:
-            raise PayloadError(f"truncated payload: {total - offset} bytes left, header needs {PAYLOAD_HEADER_BYTES}")
-        if offset % 8:
-            raise PayloadError("payload offset must be 8-byte aligned")
-        raw_hdr = buf[offset:offset + PAYLOAD_HEADER_BYTES].cpu().numpy().tobytes()
-        (magic, version, kind, dcode, flags, pslot, pnumel, nnz, seed, scale, body, crc, _res) = _PHDR.unpack(raw_hdr)
-        if magic != PAYLOAD_MAGIC:
-            raise PayloadError(f"bad payload magic {magic!r}")
-        if version != VERSION:
-            raise PayloadError(f"unsupported payload version {version} (this commlib speaks {VERSION})")
-        try:
-            kind_e = Kind(kind)
-        except ValueError:
-            raise PayloadError(f"unknown payload kind {kind}") from None
-        if dcode >= len(DTYPES):
-            raise PayloadError(f"unknown dtype code {dcode}")
-        if _res:
-            raise PayloadError("reserved payload header field is not zero")
-        if pnumel > MAX_NUMEL or nnz > MAX_NUMEL:
-            raise PayloadError(f"implausible sizes numel={pnumel} nnz={nnz}")
-        if numel is None:
-            cap = DEFAULT_MAX_NUMEL if max_numel is None else int(max_numel)
-            if pnumel > cap:
-                raise PayloadError(f"payload claims {pnumel} entries; a receiver without an expected size "
-                                   f"accepts at most {cap} (max_numel)")
-        elif pnumel != numel:
-            raise PayloadError(f"payload for slot {pslot} has numel {pnumel}, expected {numel}")
-        dtype = DTYPES[dcode]
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        idx_bytes = _align8(4 * nnz) if kind_e == Kind.SPARSE else 0
-        expect_body = idx_bytes + _align8(nnz * itemsize)
-        if body != expect_body:
-            raise PayloadError(f"payload body is {body} bytes, its header implies {expect_body}")
-        pos = offset + PAYLOAD_HEADER_BYTES
-        end = pos + body
-        if end > total:
-            raise PayloadError(f"truncated payload: body needs {body} bytes, {total - pos} left")
-        if flags & ~_ALL_FLAGS:
-            raise PayloadError(f"unknown payload flags {flags:#x}")
-        if not flags & Flag.CHECKSUM:
-            if crc != 0:
-                raise PayloadError("payload carries a checksum but its flag is cleared")
-            if require_checksum:
-                raise PayloadError("payload has no checksum and this receiver requires one")
-        else:
-            zeroed = raw_hdr[:52] + b"\0\0\0\0" + raw_hdr[56:]
-            got = zlib.crc32(zeroed + buf[pos:end].cpu().numpy().tobytes())
-            if got != crc:
-                raise PayloadError(f"payload checksum mismatch (got {got:#010x}, header {crc:#010x})")
-        indices = None
-        if kind_e == Kind.SPARSE:
-            indices = buf[pos:pos + 4 * nnz].view(torch.int32)
-            pos += idx_bytes
-        values = buf[pos:pos + nnz * itemsize].view(dtype)
+        rp = read_payload(buf, offset, finite=finite, numel=numel, slot=slot, require_checksum=require_checksum,
+                          target=target, max_abs=max_abs, max_numel=max_numel)
+        h = rp.header
+        values, indices = rp.values, rp.indices
         if copy:
             values = values.clone()
             indices = indices.clone() if indices is not None else None
-        p = cls(kind_e, int(pnumel), values, indices, int(seed), float(scale), int(pslot),
-                Flag(flags & ~int(Flag.CHECKSUM)))
-        p.validate(finite, numel=numel, slot=slot, target=target, max_abs=max_abs)
-        return p, end
+        return cls(h.kind, int(h.numel), values, indices, int(h.seed), float(h.scale), int(h.slot),
+                   Flag(h.flags & ~int(Flag.CHECKSUM))), rp.end
 
     @classmethod
     def from_bytes(cls, data: Union[bytes, bytearray, memoryview], *, finite: FinitePolicy = "reject",
@@ -499,7 +355,7 @@ class Message:
         used = self.nbytes
         if buf.numel() < used:
             raise PayloadError(f"message needs {used} bytes, buffer holds {buf.numel()}")
-        hdr = _MHDR.pack(MESSAGE_MAGIC, VERSION, 0, len(self.payloads), int(self.sender), int(self.step), used)
+        hdr = pack_message_header(len(self.payloads), self.sender, self.step, used)
         buf[:MESSAGE_HEADER_BYTES].copy_(torch.frombuffer(bytearray(hdr), dtype=torch.uint8))
         off = MESSAGE_HEADER_BYTES
         for p in self.payloads:
@@ -509,7 +365,7 @@ class Message:
     def to_bytes(self, checksum: bool = True) -> bytes:
         parts = [p.to_bytes(checksum=checksum) for p in self.payloads]
         used = MESSAGE_HEADER_BYTES + sum(len(x) for x in parts)
-        hdr = _MHDR.pack(MESSAGE_MAGIC, VERSION, 0, len(self.payloads), int(self.sender), int(self.step), used)
+        hdr = pack_message_header(len(self.payloads), self.sender, self.step, used)
         return hdr + b"".join(parts)
 
     @classmethod
@@ -525,19 +381,9 @@ class Message:
             raise PayloadError("decode needs a flat uint8 buffer")
         if buf.numel() < MESSAGE_HEADER_BYTES:
             raise PayloadError(f"truncated message: {buf.numel()} bytes, header needs {MESSAGE_HEADER_BYTES}")
-        magic, version, _r, count, sender, step, used = _MHDR.unpack(buf[:MESSAGE_HEADER_BYTES].cpu().numpy().tobytes())
-        if magic != MESSAGE_MAGIC:
-            raise PayloadError(f"bad message magic {magic!r}")
-        if version != VERSION:
-            raise PayloadError(f"unsupported message version {version} (this commlib speaks {VERSION})")
-        if count > max_count:
-            raise PayloadError(f"implausible payload count {count}")
-        if used > buf.numel():
-            raise PayloadError(f"truncated message: header says {used} bytes, got {buf.numel()}")
-        if exact and used != buf.numel():
-            raise PayloadError(f"message header says {used} bytes, got {buf.numel()}")
-        if numels is not None and count != len(numels):
-            raise PayloadError(f"message carries {count} payloads, expected {len(numels)}")
+        count, sender, step, used = parse_message_header(
+            buf[:MESSAGE_HEADER_BYTES].cpu().numpy().tobytes(), buf.numel(), max_count=max_count, exact=exact,
+            count=None if numels is None else len(numels))
         view = buf[:used]
         off = MESSAGE_HEADER_BYTES
         payloads = []

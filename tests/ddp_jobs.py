@@ -63,16 +63,16 @@ def train(rank, world, scheme, steps, *, bucket_cap_mb=25.0, lr=0.05, momentum=0
         if hs is not None:
             hs.load_state_dict(ck["hook"])
     if corrupt_rank is not None and rank == corrupt_rank:
-        import commlib.ddp.hooks as H
+        import commlib.ddp.packed as P
 
-        orig = H.Message.encode_into
+        orig = P.seal  # the hook writes each message's header (and CRCs) here
 
-        def bad(self, buf, *args, **kwargs):
-            end = orig(self, buf, *args, **kwargs)
+        def bad(msg, buf, checksum=False):
+            end = orig(msg, buf, checksum)
             buf[:4] = 0  # destroy the magic
             return end
 
-        H.Message.encode_into = bad
+        P.seal = bad
     lossf = nn.CrossEntropyLoss()
     for step in range(start_step, start_step + steps):
         opt.zero_grad()

@@ -129,12 +129,12 @@ def _ddp_job(rank, world, out, forger_rank, rows, checksum_flip):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     import commlib
-    import commlib.ddp.hooks as H
+    import commlib.ddp.packed as P
     from ddp_jobs import shard
 
     torch.set_num_threads(1)
     results = {}
-    orig = H.Message.encode_into
+    orig = P.seal  # the hook writes each message's header (and CRCs) here
     for agg, opts in AGGREGATORS:
         comp = {"compressor": "topk", "ratio": 0.5} if agg == "mean" else {"compressor": "identity"}
         scheme = Scheme(aggregator=agg, aggregator_options=opts, **comp)
@@ -146,7 +146,7 @@ def _ddp_job(rank, world, out, forger_rank, rows, checksum_flip):
         flips = [checksum_flip]
 
         def forged_encode(self, buf, checksum=False):
-            end = orig(self, buf, checksum=checksum)
+            end = orig(self, buf, checksum)
             if queue:
                 raw = message_bytes(FORGED[queue.pop(0)](list(self.payloads)), self.sender, self.step)
                 assert len(raw) <= buf.numel(), "a forged message must fit the fixed capacity"
@@ -158,7 +158,7 @@ def _ddp_job(rank, world, out, forger_rank, rows, checksum_flip):
             return end
 
         if rank == forger_rank:
-            H.Message.encode_into = forged_encode
+            P.seal = forged_encode
         before = full_loss(model)
         steps = len(rows) + 10
         for step in range(steps):
@@ -166,7 +166,7 @@ def _ddp_job(rank, world, out, forger_rank, rows, checksum_flip):
             opt.zero_grad()
             nn.functional.cross_entropy(ddp(xb), yb).backward()
             opt.step()
-        H.Message.encode_into = orig
+        P.seal = orig
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         gathered = [torch.zeros_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)

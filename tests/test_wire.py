@@ -167,3 +167,29 @@ def test_clearing_the_checksum_flag_is_detected():
     Payload.from_bytes(plain)
     with pytest.raises(PayloadError, match="requires"):
         Payload.from_bytes(plain, require_checksum=True)
+
+
+def test_layers_have_no_import_cycle():
+    """wire_format and value_rule are leaves (commlib.errors only); commlib.ops builds on them,
+    never on commlib.wire; commlib.wire builds on all three."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "commlib"
+
+    def imports(path):
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                found.add(node.module)
+                found.update(f"{node.module}.{a.name}" for a in node.names)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names)
+        return {m for m in found if m.startswith("commlib")}
+
+    for leaf in ("wire_format.py", "value_rule.py"):
+        assert imports(root / leaf) <= {"commlib.errors", "commlib.errors.PayloadError", "commlib.errors.NonFiniteError",
+                                        "commlib.value_rule", "commlib.value_rule.check_values"}, leaf
+    for mod in (root / "ops").glob("*.py"):
+        assert not any(m == "commlib.wire" or m.startswith("commlib.wire.") for m in imports(mod)), mod.name
+    assert "commlib.wire_format" in imports(root / "wire.py")

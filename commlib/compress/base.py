@@ -76,6 +76,17 @@ class Compressor(ABC):
     def compress(self, x: torch.Tensor, *, ratio: Optional[float] = None, seed: int = 0, slot: int = 0) -> Payload:
         """Compress a flat tensor. ``seed`` feeds randomised compressors; ``slot`` is copied to the payload."""
 
+    def pack_(self, buf: torch.Tensor, offset: int, x: torch.Tensor, *, ratio: Optional[float] = None,
+              seed: int = 0, slot: int = 0) -> Payload:
+        """``compress`` written straight into a send buffer at buf[offset:] (8-byte aligned, room for
+        ``max_bytes``): returns the payload as views of the bytes written (``is_packed_at(offset)``).
+        Compressors with a fused kernel (DGC's selection) override it; this default compresses,
+        then copies the payload in."""
+        p = self.compress(x, ratio=ratio, seed=seed, slot=slot)
+        p.encode_into(buf, offset)
+        return Payload.view(buf, offset, p.kind, p.numel, p.nnz, p.values.dtype, slot=p.slot, scale=p.scale,
+                            flags=p.flags, seed=p.seed)
+
     def decompress(self, payload: Payload, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return payload.to_dense(dtype)
 

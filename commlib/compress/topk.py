@@ -9,6 +9,7 @@ import torch
 from commlib import ops
 from commlib.compress.base import COMPRESSORS, Compressor, k_of
 from commlib.errors import ConfigError
+from commlib.ops.torch_pack import PACK_VALUE_DTYPES
 from commlib.wire import Kind, Payload
 
 
@@ -92,3 +93,22 @@ class DGCTopK(Compressor):
         flat = x.reshape(-1)
         idx, vals = self.select(flat, self._ratio(ratio))
         return Payload.sparse(idx, vals, flat.numel(), slot=slot)
+
+    def pack_(self, buf: torch.Tensor, offset: int, x: torch.Tensor, *, ratio: Optional[float] = None,
+              seed: int = 0, slot: int = 0) -> Payload:
+        """The rule of ``select`` written straight into buf[offset:] by ``ops.pack_threshold_``:
+        each round is one fused select+pack pass capped at the k largest (ties at the cut: the
+        lower index), so no candidate list and no dense temporary."""
+        flat = x.reshape(-1)
+        n, r = flat.numel(), self._ratio(ratio)
+        k = k_of(n, r)
+        if n == 0 or flat.dtype not in PACK_VALUE_DTYPES:
+            return super().pack_(buf, offset, x, ratio=ratio, seed=seed, slot=slot)
+        thr = 0.0 if k >= n else ops.sampled_threshold(flat, r, self.sample_ratio)
+        end, nnz = ops.pack_threshold_(buf, offset, flat, thr, max_nnz=k, slot=slot)
+        for _ in range(self.adapt_rounds if k < n else 0):
+            if nnz >= self.lower * k:  # nnz = min(count, k) and lower * k < k: the same test as select()
+                break
+            thr *= self.lower
+            end, nnz = ops.pack_threshold_(buf, offset, flat, thr, max_nnz=k, slot=slot)
+        return Payload.view(buf, offset, Kind.SPARSE, n, nnz, flat.dtype, slot=slot)

@@ -11,12 +11,16 @@ that issue collectives from future callbacks):
      cannot overflow;
    - otherwise -> one all-gather of fixed-capacity packed Messages (capacity is the same on
      every rank because it follows from the scheme, so no size exchange and no hang when a
-     rank selects nothing); with ``scheme.checksum`` (default for robust aggregators) every
-     payload carries a CRC-32 that every rank checks;
+     rank selects nothing); the worker half packs each payload straight into the send buffer
+     (DGC: momentum correction, selection, masking and packing in one native pass); with
+     ``scheme.checksum`` (default for robust aggregators) every payload carries a CRC-32 that
+     every rank checks;
 3. server half (in the future's callback; touches only this bucket's keys): validate every
    received message (layout, the value rule of commlib.wire for float32 and ``scheme.max_abs``,
    the checksum), aggregate, apply server state, write the direction into the bucket. A
-   rejected message is counted per sender (``state.rejected_by_rank``) and left out.
+   rejected message is counted per sender (``state.rejected_by_rank``) and left out. The mean
+   of a float32 bucket is added straight into the bucket, one native validate+scatter per
+   tensor for all ranks (commlib.ddp.packed); robust rules decode each rank to a dense row.
 Every rank runs the same deterministic server half on the same bytes: bit-identical results.
 """
 
@@ -28,8 +32,9 @@ import torch.distributed as dist
 from commlib.aggregate.base import mean_divisor
 from commlib.compress.identity import FP16
 from commlib.errors import PayloadError
-from commlib.wire import Kind, Message, Payload
+from commlib.ddp import packed
 from commlib.ddp.checks import check_hook_call
+from commlib.wire import MESSAGE_HEADER_BYTES, Kind, Message, Payload
 from commlib.ddp.state import HookState
 
 
@@ -51,18 +56,21 @@ def run_group(state: HookState, tag, buf: torch.Tensor, params: Sequence[torch.T
     numels = [p.numel() for p in params]
     grads = list(torch.split(buf, numels))
     dense_path = _dense_path(state, shapes)
-    # fixed capacity from the configuration and state *before* this step's encode (EF21's first step is dense)
-    capacity = None if dense_path else Message.capacity(
-        worker.max_bytes(k, s, buf.dtype) for k, s in zip(keys, shapes))
-    payloads = worker.encode_group(keys, grads, shapes=shapes,
-                                   params=[p.detach().reshape(-1) for p in params])
+    flat_params = [p.detach().reshape(-1) for p in params]
     dense_flags = [state.scheme.sends_dense(s) for s in shapes]
-    if dense_path and _in_place(state):
-        fut = _allreduce_in_place(state, buf, keys, numels, payloads, dense_flags)
-    elif dense_path:
-        fut = _allreduce(state, tag, buf, keys, numels, payloads, dense_flags)
+    if dense_path:
+        payloads = worker.encode_group(keys, grads, shapes=shapes, params=flat_params)
+        if _in_place(state):
+            fut = _allreduce_in_place(state, buf, keys, numels, payloads, dense_flags)
+        else:
+            fut = _allreduce(state, tag, buf, keys, numels, payloads, dense_flags)
     else:
-        fut = _allgather(state, tag, buf, keys, numels, payloads, dense_flags, capacity)
+        # fixed capacity from the configuration and state *before* this step's encode
+        capacity = (Message.capacity(worker.max_bytes(k, s, buf.dtype) for k, s in zip(keys, shapes)) + 7) & ~7
+        send = state.buffer(("ag-send", tag), capacity, torch.uint8, buf.device)
+        payloads, _ = worker.encode_group_into(send, MESSAGE_HEADER_BYTES, keys, grads, shapes=shapes,
+                                               params=flat_params)
+        fut = _allgather(state, tag, buf, keys, numels, payloads, dense_flags, send)
     state.end_bucket(is_last)
     if state.blocking:
         fut.wait()
@@ -138,7 +146,8 @@ def _allreduce_in_place(state: HookState, buf: torch.Tensor, keys: List[str], nu
 
 def _write_back(buf: torch.Tensor, numels: Sequence[int], dirs: Sequence[torch.Tensor]) -> torch.Tensor:
     for out, d in zip(torch.split(buf, list(numels)), dirs):
-        out.copy_(d.reshape(-1))
+        if d.data_ptr() != out.data_ptr() or d.dtype != out.dtype:  # a direction may already be its section
+            out.copy_(d.reshape(-1))
     return buf
 
 
@@ -195,15 +204,15 @@ def _allreduce(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
 
 
 def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels: List[int],
-               payloads: List[Payload], dense_flags: List[bool], capacity: int) -> torch.futures.Future:
+               payloads: List[Payload], dense_flags: List[bool], send: torch.Tensor) -> torch.futures.Future:
+    """All-gather the message whose payloads are packed in ``send`` (after its header)."""
     group = state.process_group
     n = state.world_size
     worker = state.worker
-    capacity = (capacity + 7) & ~7
-    send = state.buffer(("ag-send", tag), capacity, torch.uint8, buf.device)
+    capacity = send.numel()
     msg = Message(payloads, sender=state.rank, step=worker.step)
     checksum = state.scheme.checksum  # from the configuration: the same on every rank
-    msg.encode_into(send, checksum=checksum)
+    packed.seal(msg, send, checksum)
     worker.record(payloads, dense_bytes=buf.numel() * buf.element_size())
     _set_wire_bytes(state, capacity)
     recv = state.buffer(("ag-recv", tag), capacity * n, torch.uint8, buf.device)
@@ -212,8 +221,16 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
     step = worker.step
     max_abs = state.scheme.max_abs
 
+    scheme = state.scheme
+    fast_mean = scheme.aggregator.is_mean and scheme.attack is None and buf.dtype == torch.float32
+
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         rows = recv.view(n, capacity)
+        if fast_mean:
+            sections = list(torch.split(buf, numels))
+            packed.gathered_mean(rows, sections, step=step, increments=scheme.feedback.increments,
+                                 checksum=checksum, max_abs=max_abs, reject=state.count_rejected)
+            return _write_back(buf, numels, server.finish(keys, sections, dense_flags))
         received: List[List[Optional[Payload]]] = []
         for r in range(n):
             try:

@@ -37,6 +37,8 @@ class StepContext:
     slot: int = 0  # position of the tensor in its group
     dense: bool = False  # this tensor is not compressed (DGC: momentum applied on the server)
     param: Optional[torch.Tensor] = None  # the parameter (flat view) when the feedback needs it (weight decay)
+    out: Optional[torch.Tensor] = None  # send buffer (flat uint8): compress straight into out[offset:]
+    offset: int = 0
 
 
 class Feedback(ABC):
@@ -58,6 +60,11 @@ class Feedback(ABC):
         return aggregate
 
     def _compress(self, compressor: Compressor, x: torch.Tensor, ctx: StepContext) -> Payload:
+        """C(x); with a send buffer in ``ctx.out`` the compressor writes it there (``Compressor.pack_``)
+        and the payload views those bytes: an in-place change to its values is what is sent; a
+        changed header field (e.g. EF21-W's scale) makes the worker write the payload again."""
+        if ctx.out is not None:
+            return compressor.pack_(ctx.out, ctx.offset, x, ratio=ctx.ratio, seed=ctx.seed, slot=ctx.slot)
         return compressor.compress(x, ratio=ctx.ratio, seed=ctx.seed, slot=ctx.slot)
 
     def __repr__(self) -> str:

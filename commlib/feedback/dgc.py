@@ -19,7 +19,10 @@ from typing import Optional
 
 import torch
 
-from commlib.compress.base import Compressor
+from commlib import ops
+from commlib.compress.base import Compressor, k_of
+from commlib.compress.topk import DGCTopK
+from commlib.ops.torch_pack import write_sparse
 from commlib.errors import ConfigError
 from commlib.feedback.base import FEEDBACKS, Feedback, State, StepContext
 from commlib.wire import Kind, Payload
@@ -63,6 +66,8 @@ class DGCMomentum(Feedback):
             u = state["u"] = torch.zeros_like(grad)
             state["v"] = torch.zeros_like(grad)
         v = state["v"]
+        if ctx.out is not None and self.masking and isinstance(compressor, DGCTopK) and v.dtype == torch.float32:
+            return self._fused_step(u, v, g, compressor, ctx)
         m = self.momentum
         if self.nesterov:
             u.add_(g).mul_(m)
@@ -84,6 +89,46 @@ class DGCMomentum(Feedback):
             if self.masking:
                 u.zero_()
         return p
+
+    def _fused_step(self, u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, comp: DGCTopK,
+                    ctx: StepContext) -> Payload:
+        """Momentum correction + DGC selection + masking + packing into ``ctx.out`` in one pass over
+        u, v, g (``ops.dgc_update_pack_``), with the threshold from the sample of the v it will
+        produce (``ops.dgc_threshold``). The selection rule is ``DGCTopK.select``'s: when fewer than
+        lower * k entries pass, lower the threshold and add the entries of the (masked) v that now
+        pass -- exactly the entries a lower threshold on the unmasked v would have added."""
+        m, n = self.momentum, v.numel()
+        ratio = comp._ratio(ctx.ratio)
+        k = k_of(n, ratio)
+        buf, off = ctx.out, ctx.offset
+        thr = 0.0 if k >= n else ops.dgc_threshold(u, v, g, m, ratio, nesterov=self.nesterov,
+                                                    sample_ratio=comp.sample_ratio)
+        end, nnz = ops.dgc_update_pack_(buf, off, u, v, g, m, thr, nesterov=self.nesterov, max_nnz=k, slot=ctx.slot)
+        if k < n and nnz < comp.lower * k:  # too few: everything >= thr was taken (nnz < k)
+            extra = None
+            for _ in range(comp.adapt_rounds):
+                thr *= comp.lower
+                extra = ops.threshold_select(v, thr)  # entries of v not sent yet
+                if nnz + extra[0].numel() >= comp.lower * k:
+                    break
+            if extra is not None and extra[0].numel():
+                nnz = self._add_to_payload(buf, off, nnz, n, u, v, ops.keep_largest(*extra, k - nnz), ctx.slot)
+        return Payload.view(buf, off, Kind.SPARSE, n, nnz, torch.float32, slot=ctx.slot)
+
+    @staticmethod
+    def _add_to_payload(buf: torch.Tensor, off: int, nnz: int, n: int, u: torch.Tensor, v: torch.Tensor,
+                        extra, slot: int) -> int:
+        """Merge the selection (idx, vals) into the SPARSE payload of nnz entries at buf[off:] (index
+        order kept) and mask u, v there; returns the new nnz."""
+        sent = Payload.view(buf, off, Kind.SPARSE, n, nnz, torch.float32, slot=slot)
+        idx = torch.cat([sent.indices, extra[0]])
+        vals = torch.cat([sent.values, extra[1]])
+        order = torch.sort(idx, stable=True).indices
+        write_sparse(buf, off, idx[order], vals[order], n, slot=slot, scale=1.0, flags=0, value_dtype=torch.float32)
+        sel = extra[0].to(torch.int64)
+        v.index_fill_(0, sel, 0.0)
+        u.index_fill_(0, sel, 0.0)
+        return int(idx.numel())
 
     def server_step(self, state: State, aggregate: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         if not ctx.dense:

@@ -13,7 +13,7 @@ DGC (Lin et al. 2018):
   sampled_threshold(x, ratio, ...)           threshold estimate on a strided sample
   dgc_threshold(u, v, g, m, ratio, ...)      the same on this step's v, without updating u, v
   dgc_update_select_(u, v, g, m, thr, ...)   momentum correction + selection + masking, one pass
-Packing into wire Payloads (commlib.wire layout), for one collective:
+Packing into wire Payloads (the layout of commlib.wire_format), for one collective:
   pack_threshold_(buf, off, x, thr, ...)     selection written as a full Payload -> (end, nnz)
   dgc_update_pack_(buf, off, u, v, g, ...)   DGC step written as a full Payload -> (end, nnz)
   unpack_scatter_add_(out, bufs, offsets)    validate + scatter-add every rank's payload -> UnpackResult

@@ -24,7 +24,7 @@ import torch
 from commlib.errors import ConfigError, PayloadError
 from commlib.ops import torch_ops, torch_pack
 from commlib.ops.torch_pack import Offsets, UnpackResult
-from commlib.wire import Kind, Payload
+from commlib.wire_format import Kind, payload_max_bytes
 
 ABI_VERSION = 2  # must equal kAbiVersion in csrc/binding.cpp
 _CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
@@ -85,7 +85,7 @@ def _max_nnz(max_nnz: Optional[int]) -> int:
 def _packed(offset: int, have: int, res: Tuple[int, int], vd: torch.dtype) -> Tuple[int, int]:
     end, nnz = res
     if end < 0:
-        raise torch_pack.too_small(offset, Payload.max_bytes(Kind.SPARSE, nnz, vd), have, nnz)
+        raise torch_pack.too_small(offset, payload_max_bytes(Kind.SPARSE, nnz, vd), have, nnz)
     return end, nnz
 
 

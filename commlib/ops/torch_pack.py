@@ -1,7 +1,7 @@
 """Pure-torch reference of the packing ops: selection written as a wire Payload straight into
 a send buffer, and many ranks' payloads unpacked with one scatter-add.
 
-The layout is ``commlib.wire.Payload`` (64-byte header, int32 indices padded to 8, values
+The layout is ``commlib.wire_format`` (documented in ``commlib.wire``: 64-byte header, int32 indices padded to 8, values
 padded to 8); padding bytes are written as zeros so that equal selections give equal bytes.
 The native extension implements the same functions (commlib/ops/native.py).
 """
@@ -14,7 +14,9 @@ import torch
 
 from commlib.errors import ConfigError, NonFiniteError, PayloadError
 from commlib.ops import torch_ops
-from commlib.wire import PAYLOAD_HEADER_BYTES, Flag, Kind, Payload, _align8, check_values
+from commlib.value_rule import check_values
+from commlib.wire_format import (PAYLOAD_HEADER_BYTES, Flag, Kind, RawPayload, align8, body_bytes, pack_payload_header,
+                                 payload_max_bytes, read_payload)
 
 PACK_VALUE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -98,15 +100,21 @@ def raise_first(result: UnpackResult, codes: Sequence[int]) -> None:
 def write_sparse(buf: torch.Tensor, offset: int, idx: torch.Tensor, vals: torch.Tensor, numel: int, *,
                  slot: int, scale: float, flags: int, value_dtype: torch.dtype) -> Tuple[int, int]:
     """Encode (idx, vals) as a SPARSE payload at buf[offset:], zero padding; (end, nnz)."""
-    p = Payload.sparse(idx, vals.to(value_dtype), numel, scale=scale, slot=slot, flags=Flag(int(flags)))
-    nnz = p.nnz
-    if offset + p.nbytes > buf.numel():
-        raise too_small(offset, p.nbytes, buf.numel(), nnz)
-    end = p.encode_into(buf, offset)
+    nnz = int(idx.numel())
+    nbytes = payload_max_bytes(Kind.SPARSE, nnz, value_dtype)
+    if offset + nbytes > buf.numel():
+        raise too_small(offset, nbytes, buf.numel(), nnz)
+    end = offset + nbytes
+    hdr = pack_payload_header(Kind.SPARSE, value_dtype, flags, slot, numel, nnz, 0, scale,
+                              body_bytes(Kind.SPARSE, nnz, value_dtype))
+    buf[offset:offset + PAYLOAD_HEADER_BYTES].copy_(torch.frombuffer(bytearray(hdr), dtype=torch.uint8))
     ib = offset + PAYLOAD_HEADER_BYTES
-    buf[ib + 4 * nnz:ib + _align8(4 * nnz)] = 0
-    vb = ib + _align8(4 * nnz) + nnz * p.values.element_size()
-    buf[vb:end] = 0
+    vb = ib + align8(4 * nnz)
+    buf[ib:ib + 4 * nnz].view(torch.int32).copy_(idx.reshape(-1))
+    buf[ib + 4 * nnz:vb] = 0
+    nb = nnz * vals.new_empty(0, dtype=value_dtype).element_size()
+    buf[vb:vb + nb].view(value_dtype).copy_(vals.reshape(-1))
+    buf[vb + nb:end] = 0
     return end, nnz
 
 
@@ -147,13 +155,14 @@ def dgc_update_pack_(buf: torch.Tensor, offset: int, u: torch.Tensor, v: torch.T
 
 # ---- unpacking -------------------------------------------------------------------------------
 def _decode(row: torch.Tensor, off: int, out: torch.Tensor, slot: Optional[int], finite: str,
-            require_checksum: bool, alpha: float, max_abs: Optional[float]) -> Payload:
-    p, _ = Payload.decode_from(row, off, finite=finite, numel=out.numel(), slot=slot,
-                               require_checksum=require_checksum, target=out.dtype, max_abs=max_abs)
-    if p.kind == Kind.RANDK:
+            require_checksum: bool, alpha: float, max_abs: Optional[float]) -> RawPayload:
+    p = read_payload(row, off, finite=finite, numel=out.numel(), slot=slot, require_checksum=require_checksum,
+                     target=out.dtype, max_abs=max_abs)
+    h = p.header
+    if h.kind == Kind.RANDK:
         raise PayloadError("RANDK payloads are not unpacked here (decode them with Payload.decode_from)")
     if alpha != 1.0:  # the addends alpha * value * scale must be finite too (the value rule)
-        check_values(p.values, p.scale, target=out.dtype, alpha=alpha, finite=finite == "reject", slot=p.slot)
+        check_values(p.values, h.scale, target=out.dtype, alpha=alpha, finite=finite == "reject", slot=h.slot)
     return p
 
 
@@ -176,7 +185,7 @@ def unpack_scatter_add_(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets,
     ranks = bufs.size(0)
     res = UnpackResult([-1] * ranks, [0] * ranks, [0] * ranks)
     codes = [0] * ranks
-    payloads: List[Tuple[int, Payload]] = []
+    payloads: List[Tuple[int, RawPayload]] = []
     for r, off in enumerate(offs):
         if off < 0:
             continue
@@ -186,17 +195,17 @@ def unpack_scatter_add_(out: torch.Tensor, bufs: torch.Tensor, offsets: Offsets,
             res.errors[r] = str(exc)
             codes[r] = 2 if isinstance(exc, NonFiniteError) else 1
             continue
-        res.ends[r] = off + p.nbytes
-        res.nnz[r] = p.nnz
-        res.flags[r] = int(p.flags)
+        res.ends[r] = p.end
+        res.nnz[r] = p.header.nnz
+        res.flags[r] = int(p.header.flags) & ~int(Flag.CHECKSUM)  # as Payload.flags: the CRC is checked
         payloads.append((r, p))
     if on_error == "raise":
         raise_first(res, codes)
     flat = out.view(-1)
     for r, p in payloads:
-        a = float(alpha) * float(p.scale)
-        if p.kind == Kind.SPARSE and p.nnz:
+        a = float(alpha) * float(p.header.scale)
+        if p.header.kind == Kind.SPARSE and p.header.nnz:
             torch_ops.scatter_add_(flat, p.indices, p.values, a)
-        elif p.kind == Kind.DENSE and p.nnz:
+        elif p.header.kind == Kind.DENSE and p.header.nnz:
             flat.add_(p.values.to(flat.dtype) * a)  # a multiply, then an add: as scatter_add_
     return res

@@ -1,0 +1,244 @@
+"""Time to accuracy: wall-clock training time until a target test accuracy, per communication
+scheme, on 2 emulated hosts joined by a shaped link (100 Mbit/s and 1 Gbit/s).
+
+Task: MNIST-1D (Greydanus 2020, arXiv 2011.14439; generated here by the ``mnist1d`` package,
+nothing downloaded), a 1-D CNN (benchmarks/tta_worker.py), per-rank batch 32, SGD lr 0.05
+(momentum 0.9, or the scheme's own worker momentum). Dense training needs about a thousand
+steps to pass 95% test accuracy, so the compressed schemes' loss of accuracy per step shows.
+
+Hosts, links and jobs are benchmarks/bandwidth.py's: Linux network namespaces joined by a veth
+pair, a tc token-bucket filter per direction, one torchrun node (gloo) per namespace. All runs of
+one invocation go in one torchrun job; the worker asks for each run's link rate.
+
+Schemes: all-reduce (DDP's default), torch's fp16 and PowerSGD (rank 1, 4) hooks, commlib DGC
+at 99% and 99.9% with and without its sparsity warm-up, top-k 1% with EF, EF21-SGDM and EControl.
+
+Reported per (link, scheme): wall time of training (evaluations excluded) to the target test
+accuracy, final test accuracy after the same number of epochs, compression (dense gradient bytes
+/ bytes handed to collectives), and a plot of test accuracy against training wall time.
+
+    sudo .venv/bin/python benchmarks/time_to_accuracy.py            # full: 20 epochs, 2 links, 11 schemes
+    sudo .venv/bin/python benchmarks/time_to_accuracy.py --quick    # a few minutes: smaller CNN, 10 epochs, 4 schemes
+
+Needs root (network namespaces, tc); exits with 2 otherwise. Writes
+benchmarks/results/time_to_accuracy{,_quick}.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+
+from bandwidth import RATE_LABEL, RATES, Testbed, cannot_emulate, link_check, run_job  # noqa: E402
+from tta_worker import SCHEMES  # noqa: E402
+
+FULL = dict(samples=10000, width=64, hidden=256, epochs=20, target=0.95, eval_every=25,
+            schemes=tuple(SCHEMES), links=("100mbit", "1gbit"))
+QUICK = dict(samples=4000, width=32, hidden=128, epochs=10, target=0.70, eval_every=10,
+             schemes=("allreduce", "torch-powersgd-1", "dgc-99.9", "topk-ef"), links=("100mbit", "1gbit"))
+LR, MOMENTUM, BATCH, SEED = 0.05, 0.9, 32, 0
+DGC_GOAL = {"compression": 270.0, "accuracy_points": 0.5}  # Lin et al. 2018: 270x-600x without loss
+
+
+def make_data(samples: int, path: Path) -> Dict[str, Any]:
+    """MNIST-1D with the package's default generator settings (seed 42) and ``samples`` examples
+    (80% train), written as a pickle-free .npz."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = int(samples)
+    d = make_dataset(args)
+    np.savez(path, x=d["x"].astype(np.float32), y=d["y"].astype(np.int64),
+             x_test=d["x_test"].astype(np.float32), y_test=d["y_test"].astype(np.int64))
+    return {"train": int(len(d["y"])), "test": int(len(d["y_test"])), "length": int(d["x"].shape[1]),
+            "generator": "mnist1d.data.make_dataset (default args, seed 42)"}
+
+
+def time_to_target(rec: Dict[str, Any], target: float) -> Optional[Dict[str, float]]:
+    """The first evaluation at or above the target: its training wall time and step."""
+    for e in rec["evals"]:
+        if e["test_acc"] >= target:
+            return {"train_s": e["train_s"], "step": e["step"], "epoch": e["epoch"]}
+    return None
+
+
+def build_rows(records: List[Dict[str, Any]], target: float) -> List[Dict[str, Any]]:
+    rows = []
+    for r in records:
+        hit = time_to_target(r, target)
+        link = r["link"]
+        rows.append({"link": link, "scheme": r["scheme"], "label": r["label"],
+                     "time_to_target_s": hit["train_s"] if hit else None, "steps_to_target": hit["step"] if hit else None,
+                     "final_test_acc": r["final_test_acc"], "best_test_acc": max(e["test_acc"] for e in r["evals"]),
+                     "compression": r["compression"], "train_s": r["train_s"], "step_ms": 1000 * r["train_s"] / r["steps"],
+                     "steps": r["steps"], "epochs": r["epochs"]})
+    return rows
+
+
+def evaluate_goals(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The issue's goal for DGC at 100 Mbit/s: reaches the target no later than any other scheme,
+    final accuracy within 0.5 point of all-reduce's, at least 270x compression."""
+    goals: Dict[str, Any] = {}
+    at = {r["scheme"]: r for r in rows if r["link"] == "100mbit"}
+    dense = at.get("allreduce")
+    for name in ("dgc-99.9", "dgc-99.9-warmup", "dgc-99", "dgc-99-warmup"):
+        d = at.get(name)
+        if d is None:
+            continue
+        others = [r for s, r in at.items() if not s.startswith("dgc-") and r["time_to_target_s"] is not None]
+        first = d["time_to_target_s"] is not None and all(d["time_to_target_s"] <= o["time_to_target_s"] for o in others)
+        g = {"time_to_target_s": d["time_to_target_s"],
+             "fastest_other": min(((o["time_to_target_s"], o["scheme"]) for o in others), default=None),
+             "reaches_target_first": first, "compression": d["compression"],
+             "compression_at_least_270x": (d["compression"] or 0) >= DGC_GOAL["compression"]}
+        if dense is not None:
+            g["accuracy_gap_points"] = 100 * (dense["final_test_acc"] - d["final_test_acc"])
+            g["within_0.5_point_of_dense"] = g["accuracy_gap_points"] <= DGC_GOAL["accuracy_points"]
+        g["met"] = bool(first and g["compression_at_least_270x"] and g.get("within_0.5_point_of_dense", False))
+        goals[f"{name}_at_100mbit"] = g
+    return goals
+
+
+def markdown(rows: List[Dict[str, Any]], target: float, goals: Dict[str, Any], meta: Dict[str, Any]) -> str:
+    out = [f"# Time to accuracy (MNIST-1D, 1-D CNN, 2 hosts)\n",
+           f"{meta['notes']}\n",
+           f"| link | scheme | time to {target:.0%} test acc (s) | steps to it | final test acc ({meta['epochs']} "
+           "epochs) | best test acc | compression | step (ms) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    order = {k: i for i, k in enumerate(RATES)}
+    sorder = {k: i for i, k in enumerate(SCHEMES)}
+    for r in sorted(rows, key=lambda r: (order[r["link"]], sorder[r["scheme"]])):
+        tt = f"{r['time_to_target_s']:.1f}" if r["time_to_target_s"] is not None else "not reached"
+        st = str(r["steps_to_target"]) if r["steps_to_target"] is not None else "–"
+        comp = f"{r['compression']:.0f}x" if r["compression"] else "–"
+        out.append(f"| {RATE_LABEL[r['link']]} | {r['label']} | {tt} | {st} | {r['final_test_acc']:.3f} | "
+                   f"{r['best_test_acc']:.3f} | {comp} | {r['step_ms']:.1f} |")
+    out.append("\n## Goal (DGC at 100 Mbit/s)\n")
+    for name, g in goals.items():
+        nums = ", ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in g.items() if k != "met")
+        out.append(f"- {name}: {'met' if g['met'] else 'MISSED'} ({nums})")
+    out.append(f"\n![accuracy vs wall time]({meta['plot']})\n")
+    return "\n".join(out) + "\n"
+
+
+def plot(records: List[Dict[str, Any]], target: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    links = [k for k in RATES if any(r["link"] == k for r in records)]
+    fig, axes = plt.subplots(1, len(links), figsize=(6.5 * len(links), 4.5), squeeze=False)
+    for ax, link in zip(axes[0], links):
+        for r in records:
+            if r["link"] != link:
+                continue
+            ax.plot([e["train_s"] for e in r["evals"]], [e["test_acc"] for e in r["evals"]], label=r["label"],
+                    linestyle="--" if r["scheme"].startswith(("allreduce", "torch-")) else "-")
+        ax.axhline(target, color="grey", linewidth=0.8)
+        ax.set_xscale("log")
+        ax.set_xlabel("training wall time (s, log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"MNIST-1D, 2 hosts, {RATE_LABEL[link]}")
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smaller CNN, 10 epochs, 4 schemes (a few minutes)")
+    ap.add_argument("--schemes", default=None, help=f"comma list of {','.join(SCHEMES)}")
+    ap.add_argument("--links", default=None, help=f"comma list of {','.join(RATES)}")
+    ap.add_argument("--epochs", type=int, default=None)
+    ap.add_argument("--target", type=float, default=None, help="target test accuracy")
+    ap.add_argument("--hosts", type=int, default=2)
+    ap.add_argument("--burst", default="256kb", help="tbf burst")
+    ap.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds the torchrun job may take")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/time_to_accuracy[_quick].json)")
+    args = ap.parse_args(argv)
+    cfg = dict(QUICK if args.quick else FULL)
+    for key in ("epochs", "target"):
+        if getattr(args, key) is not None:
+            cfg[key] = getattr(args, key)
+    if args.schemes:
+        cfg["schemes"] = tuple(args.schemes.split(","))
+    if args.links:
+        cfg["links"] = tuple(args.links.split(","))
+    bad = [s for s in cfg["schemes"] if s not in SCHEMES] + [k for k in cfg["links"] if k not in RATES]
+    if bad:
+        ap.error(f"unknown scheme or link: {', '.join(bad)}")
+    why = cannot_emulate("time_to_accuracy.py")
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    out = Path(args.out or RESULTS / f"time_to_accuracy{'_quick' if args.quick else ''}.json")
+    runs = [{"scheme": s, "link": link, "rate": None if RATES[link] is None else link, "epochs": cfg["epochs"],
+             "batch": BATCH, "lr": LR, "momentum": MOMENTUM, "width": cfg["width"], "hidden": cfg["hidden"],
+             "seed": SEED, "eval_every": cfg["eval_every"]} for link in cfg["links"] for s in cfg["schemes"]]
+    t_start, load_before = time.monotonic(), os.getloadavg()
+    bed = Testbed(args.hosts, args.burst)
+    meta: Dict[str, Any] = {}
+    try:
+        with tempfile.TemporaryDirectory(prefix="commlib-tta-") as tmp:
+            meta["data"] = make_data(cfg["samples"], Path(tmp) / "data.npz")
+            bed.open()
+            goodput = {}
+            for link in cfg["links"]:
+                bed.shape(None if RATES[link] is None else link)
+                goodput[link] = link_check(bed)
+            bed.shape(None)
+            print(f"{len(runs)} runs on {args.hosts} hosts; measured TCP goodput: "
+                  + ", ".join(f"{RATE_LABEL[k]} {v / 1e6:.0f} Mbit/s" for k, v in goodput.items()), flush=True)
+            res = run_job(bed, runs, {}, "tta", Path(tmp), args.timeout, worker=HERE / "tta_worker.py",
+                          progress="steps in")
+    finally:
+        bed.close()
+    records = res["records"]
+    for run, rec in zip(runs, records, strict=True):
+        rec["link"] = run["link"]
+    rows = build_rows(records, cfg["target"])
+    goals = evaluate_goals(rows)
+    load_after = os.getloadavg()
+    png = out.with_suffix(".png")
+    meta.update({"config": {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}, "lr": LR,
+                 "momentum": MOMENTUM, "batch_per_rank": BATCH, "hosts": args.hosts, "burst": args.burst,
+                 "link_goodput_bit_s": goodput, "ops_backend": res["ops_backend"],
+                 "native_status": res["native_status"], "python": platform.python_version(),
+                 "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
+                 "wall_s": time.monotonic() - t_start, "quick": args.quick, "epochs": cfg["epochs"],
+                 "plot": png.name})
+    meta["notes"] = (
+        f"{args.hosts} hosts (network namespaces, veth, tc tbf), gloo; MNIST-1D {meta['data']['train']} train / "
+        f"{meta['data']['test']} test, 1-D CNN width {cfg['width']} hidden {cfg['hidden']} "
+        f"({records[0]['params']} parameters), batch {BATCH} per rank, SGD lr {LR} (momentum {MOMENTUM}; DGC: "
+        f"momentum correction {MOMENTUM} on the worker; EF21-SGDM and EControl: plain SGD), {cfg['epochs']} epochs, "
+        f"test accuracy every {cfg['eval_every']} steps. Time = training wall time on rank 0, evaluations "
+        f"excluded. Compression = dense gradient bytes / bytes handed to collectives. Load average "
+        f"{load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} CPUs"
+        + (" (a loaded machine: times are indicative only)." if load_before[0] > 0.5 * (os.cpu_count() or 1) else "."))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "goals": goals, "rows": rows, "records": records}, indent=1))
+    plot(records, cfg["target"], png)
+    md = markdown(rows, cfg["target"], goals, meta)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"{meta['wall_s']:.0f} s in all. Wrote {out}, {out.with_suffix('.md')} and {png}.")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
