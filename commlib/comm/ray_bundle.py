@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from commlib.comm.auth import AUTH_OVERHEAD
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, Received, Transport
 from commlib.comm.bundle import Bundled, pack_bundle, unpack_bundle, unpack_ranks
-from commlib.comm.ray_transport import LocalInbox, _ray
+from commlib.comm.ray_transport import LocalInbox, _ray, inbox_actor
 from commlib.errors import ConfigError, PayloadError
 
 
@@ -64,10 +64,7 @@ class _BundleMailboxImpl:
 
 def bundle_mailbox_actor(**options: Any):
     """A new bundle Mailbox actor handle (threaded: ``take_bundle`` waits while bundles arrive)."""
-    ray = _ray()
-    opts = {"num_cpus": 0, "max_concurrency": 8}
-    opts.update(options)
-    return ray.remote(_BundleMailboxImpl).options(**opts).remote()
+    return inbox_actor(_BundleMailboxImpl, **options)
 
 
 class BundleRayTransport(Transport):

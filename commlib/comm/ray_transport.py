@@ -220,12 +220,18 @@ class _MailboxImpl:
         return True
 
 
-def mailbox_actor(**options: Any):
-    """A new Mailbox actor handle (threaded, so ``take`` can wait while ``deliver`` runs)."""
+def inbox_actor(impl: type, **options: Any):
+    """A new actor of class ``impl`` holding an inbox: no CPU reserved, threaded (so a taker can
+    wait while deliveries run); ``options`` override Ray's actor options."""
     ray = _ray()
     opts = {"num_cpus": 0, "max_concurrency": 8}
     opts.update(options)
-    return ray.remote(_MailboxImpl).options(**opts).remote()
+    return ray.remote(impl).options(**opts).remote()
+
+
+def mailbox_actor(**options: Any):
+    """A new Mailbox actor handle (threaded, so ``take`` can wait while ``deliver`` runs)."""
+    return inbox_actor(_MailboxImpl, **options)
 
 
 @TRANSPORTS.register("ray")
