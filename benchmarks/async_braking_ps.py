@@ -9,7 +9,9 @@ same task, a 64-64-64-10 MLP on scikit-learn's bundled digits (no download):
    async push applies lr / n) x momentum in GRID_MS (per push). Reported per method: the best
    cell, and the sensitivity (cells within 2 points of the method's best; accuracy at half and
    twice the best lr). A fixed-delay row (every push exactly n - 1 versions old) shows what a pure
-   delay simulator gives at the best settings. The grid uses 3 seeds.
+   delay simulator gives at the best settings. The grid uses 3 seeds. Part 1b hands the
+   synchronous setting (lr, momentum 0.9) unchanged to the async default conversion, for AB and
+   for momentum SGD: no async tuning at all.
 2. **Real server** (``commlib.ps`` on the in-process transport: the server and one thread per
    worker, each worker sleeping ``scale * (1 + Exp(1))`` seconds before every gradient, the fault
    plan's "exp" straggler model; staleness is measured, it concentrates around n - 1): the
@@ -118,6 +120,34 @@ def summarize_grid(cells: List[Dict[str, Any]], evals: int, seeds: List[int]) ->
     return out
 
 
+TRANSFER_LRS = [0.05, 0.1, 0.2, 0.4]
+
+
+def transfer(workers: List[int], evals: int, seeds: List[int]) -> List[Dict[str, Any]]:
+    """Part 1b, no async tuning at all: the synchronous setting (lr, momentum 0.9) handed to the
+    async server's default conversion (``lr_scaling="workers"``), for AB and for momentum SGD."""
+    out = []
+    for n, lr in itertools.product(workers, TRANSFER_LRS):
+        row: Dict[str, Any] = {"workers": n, "sync_lr": lr}
+        for name, mode, spec in (("sync sgdm", "sync", {"name": "sgd", "lr": lr, "momentum": 0.9}),
+                                 ("async sgdm", "async", {"lr": lr, "rho": 0.0}),
+                                 ("async ab", "async", {"lr": lr})):
+            rs = [replica_run(TASK, n, spec, evals, s, mode) for s in seeds]
+            row[name] = statistics.fmean(r["test_accuracy"] for r in rs)
+        out.append(row)
+        print(f"  transfer n={n:<3d} sync lr {lr:<5}: " + "  ".join(
+            f"{k} {row[k]:.3f}" for k in ("sync sgdm", "async sgdm", "async ab")), flush=True)
+    return out
+
+
+def print_transfer(rows: List[Dict[str, Any]], evals: int, seeds: List[int]) -> None:
+    print(f"part 1b: replica, the synchronous lr (momentum 0.9) through the async default conversion, "
+          f"{evals} gradient evaluations, {len(seeds)} seed(s)")
+    print(f"{'workers':>7}  {'sync lr':>8}{'sync sgdm':>11}{'async sgdm':>12}{'async ab':>10}")
+    for r in rows:
+        print(f"{r['workers']:>7}  {r['sync_lr']:>8}{r['sync sgdm']:>11.3f}{r['async sgdm']:>12.3f}{r['async ab']:>10.3f}")
+
+
 def real_configs(best: Dict[Tuple[int, str], Dict[str, Any]], n: int) -> Dict[str, Tuple[str, Dict[str, Any]]]:
     """Part 2's rows for n workers: name -> (mode, optimizer spec)."""
     rows: Dict[str, Tuple[str, Dict[str, Any]]] = {
@@ -177,15 +207,26 @@ def plot(rows: List[Dict[str, Any]], cells: List[Dict[str, Any]], path: Path) ->
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer evaluations, one seed")
+    ap.add_argument("--only-transfer", action="store_true",
+                    help="run part 1b only and add it to the existing JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
     evals, seeds, grid_seeds = (800, [0], [0]) if args.quick else (1600, [0, 1], [0, 1, 2])
     workers = [4, 16]
+    stem = "async_braking_ps_quick" if args.quick else "async_braking_ps"
+    out = RESULTS / f"{stem}.json"
+    if args.only_transfer:
+        data = json.loads(out.read_text())
+        data["transfer"] = transfer(workers, evals, grid_seeds)
+        out.write_text(json.dumps(data, indent=1))
+        print_transfer(data["transfer"], evals, grid_seeds)
+        return 0
 
     print("part 1: equal tuning grid (replica)")
     cells = tuning_grid(workers, evals, grid_seeds)
     summary = summarize_grid(cells, evals, grid_seeds)
     best = {(r["workers"], r["method"]): r for r in summary}
+    moved = transfer(workers, evals, grid_seeds)
 
     print("part 2: real parameter server")
     runs: List[Dict[str, Any]] = []
@@ -217,6 +258,8 @@ def main() -> int:
               f"{r['cells_within_2pts']:>5d}/{r['cells']:<2d}{fmt(r['acc_at_half_lr']):>7}{fmt(r['acc_at_twice_lr']):>7}"
               f"{r['grid_mean_accuracy']:>10.3f}{fmt(r.get('fixed_delay_accuracy')):>12}")
     print()
+    print_transfer(moved, evals, grid_seeds)
+    print()
     print(f"part 2: real parameter server, {evals} gradient evaluations per row, {len(seeds)} seed(s)")
     print(f"{'workers':>7}  {'optimizer':<26}{'test acc':>9}{'min':>7}{'max':>7}{'vs sync 0.05':>13}"
           f"{'staleness':>10}{'max':>5}")
@@ -224,14 +267,12 @@ def main() -> int:
         print(f"{r['workers']:>7}  {r['optimizer']:<26}{r['test_accuracy']:>9.3f}{r['accuracy_min']:>7.3f}"
               f"{r['accuracy_max']:>7.3f}{r['acc_vs_sync_lr_0.05']:>+13.3f}"
               f"{r['mean_staleness']:>10.1f}{r['max_staleness']:>5d}")
-    stem = "async_braking_ps_quick" if args.quick else "async_braking_ps"
     RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / f"{stem}.json"
     out.write_text(json.dumps({"quick": args.quick, "gradient_evaluations": evals, "seeds": seeds,
                                "grid_seeds": grid_seeds, "replica_jitter": JITTER, "task": TASK,
                                "reference_lr": LR, "grid": {"lr": GRID_LRS, "momentum": GRID_MS},
                                "platform": platform.platform(), "torch": torch.__version__,
-                               "grid_summary": summary, "grid_cells": cells, "table": rows, "runs": runs},
+                               "grid_summary": summary, "grid_cells": cells, "transfer": moved, "table": rows, "runs": runs},
                               indent=1))
     plot(rows, cells, RESULTS / f"{stem}.png")
     print(f"wrote {out} and {stem}.png")
