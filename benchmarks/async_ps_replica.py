@@ -6,7 +6,7 @@ and takes seconds per run; this replica reproduces its arithmetic without thread
 * n workers start on version 0; worker w finishes a gradient after ``1 + jitter * Exp(1)`` time
   units; ``jitter=0`` makes every push exactly n - 1 versions old (a fixed delay). The default
   ``JITTER`` is calibrated on the real server of ``benchmarks/async_braking_ps.py``, whose
-  staleness is far more regular than its sleep model suggests (the threads share one
+  staleness is far more regular than its sleep model suggests (likely because the threads share one
   interpreter): 16 workers, standard deviation of the staleness 1.8-2.1 real, 2.1 here; 4 workers,
   1.1 real, 0.6 here;
 * the earliest finisher's gradient, computed on the weights it was sent, is applied at once with
