@@ -1,5 +1,6 @@
-"""The parameter server's optimizer defaults (docs/algorithms.md §5.4): async mode divides the
-synchronous lr by the number of workers; sync mode and ``lr_scaling="none"`` leave it alone."""
+"""The parameter server's optimizer defaults (docs/algorithms.md §5.4): async mode converts the
+synchronous lr and momentum per push (lr / n, momentum capped at 0.75 with the lr raised to keep
+lr / (1 - m) per gradient); sync mode and ``lr_scaling="none"`` leave them alone."""
 import pytest
 import torch
 
@@ -12,11 +13,36 @@ def params():
     return [torch.nn.Parameter(torch.zeros(3))]
 
 
-def test_async_default_is_adaptive_braking_at_lr_over_n():
+def test_async_default_is_adaptive_braking_with_capped_momentum():
     opt = build_optimizer({"lr": 0.08}, params(), "async", n_workers=16)
     assert isinstance(opt, AdaptiveBrakingSGD)
     g = opt.param_groups[0]
-    assert g["lr"] == pytest.approx(0.005) and g["rho"] == 1.0 and g["momentum"] == 0.9
+    # synchronous momentum 0.9 -> 0.75 per push; lr 0.08 / 16 * (1 - 0.75) / (1 - 0.9)
+    assert g["lr"] == pytest.approx(0.0125) and g["rho"] == 1.0 and g["momentum"] == 0.75
+
+
+@pytest.mark.parametrize("m,n", [(0.9, 4), (0.99, 16), (0.75, 16), (0.5, 2), (0.0, 8)])
+def test_conversion_keeps_the_distance_per_gradient(m, n):
+    """Steady state, constant gradient g: a push moves lr_push g / (1 - m_push); n pushes must
+    move as far as one synchronous round, lr g / (1 - m), whatever the momentum becomes."""
+    lr = 0.1
+    opt = build_optimizer({"name": "sgd", "lr": lr, "momentum": m}, params(), "async", n)
+    g = opt.param_groups[0]
+    assert g["momentum"] == pytest.approx(min(m, 0.75))
+    assert n * g["lr"] / (1 - g["momentum"]) == pytest.approx(lr / (1 - m))
+
+
+def test_async_momentum_option_and_its_errors():
+    g = build_optimizer({"lr": 0.08, "async_momentum": 0.9}, params(), "async", 16).param_groups[0]
+    assert g["momentum"] == 0.9 and g["lr"] == pytest.approx(0.005)  # 0.9 kept: plain lr / n
+    g = build_optimizer({"lr": 0.08, "async_momentum": 0.5}, params(), "async", 16).param_groups[0]
+    assert g["momentum"] == 0.5 and g["lr"] == pytest.approx(0.08 / 16 * 5)
+    with pytest.raises(ConfigError, match="async_momentum"):
+        build_optimizer({"async_momentum": 1.0}, params(), "async", 4)
+    with pytest.raises(ConfigError, match="async_momentum"):
+        build_optimizer({"async_momentum": 0.5, "lr_scaling": "none"}, params(), "async", 4)
+    with pytest.raises(ConfigError, match="momentum"):
+        build_optimizer({"momentum": 1.0}, params(), "async", 4)
 
 
 def test_async_scaling_applies_to_plain_sgd_and_can_be_turned_off():
@@ -30,7 +56,8 @@ def test_sync_lr_is_never_scaled():
 
 
 def test_one_async_worker_is_unscaled_and_bad_options_are_refused():
-    assert build_optimizer({"lr": 0.1}, params(), "async", 1).param_groups[0]["lr"] == 0.1
+    g = build_optimizer({"lr": 0.1}, params(), "async", 1).param_groups[0]
+    assert g["lr"] == 0.1 and g["momentum"] == 0.9  # no staleness: nothing to convert
     with pytest.raises(ConfigError, match="lr_scaling"):
         build_optimizer({"lr_scaling": "sqrt"}, params(), "async", 4)
     with pytest.raises(ConfigError, match="n_workers"):
@@ -45,4 +72,5 @@ def test_the_server_scales_by_its_own_number_of_workers():
                     {"compressor": "identity"}, PSConfig(mode="async", steps=6, optimizer={"lr": 0.3}), 3)
     res = job.run()
     assert res["status"] == "done"
-    assert job.server.optimizer.param_groups[0]["lr"] == pytest.approx(0.1)
+    g = job.server.optimizer.param_groups[0]
+    assert g["lr"] == pytest.approx(0.3 / 3 * 2.5) and g["momentum"] == 0.75

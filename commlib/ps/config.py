@@ -30,10 +30,11 @@ class PSConfig:
         max_staleness: async: pushes computed on parameters more than this many versions old
             are dropped (counted); None accepts any staleness.
         optimizer: {"name": "sgd" | "ab-sgd", "lr", "momentum", "rho", "weight_decay", ...,
-            "lr_scaling": "workers" | "none"}; default SGD for sync and Adaptive Braking SGD for
-            async. In async mode ``lr`` is the synchronous learning rate (one step per round of
-            n gradients) and is divided by the number of workers n, since every push applies
-            one gradient instead of a mean of n ("lr_scaling": "none" uses it as given).
+            "lr_scaling": "workers" | "none", "async_momentum"}; default SGD for sync and Adaptive
+            Braking SGD for async. In async mode with n > 1 workers ``lr`` and ``momentum`` are the
+            synchronous ones (one step per round of n gradients) and the server converts them per
+            push: momentum min(momentum, async_momentum=0.75), lr scaled to the same distance per
+            gradient (``build_optimizer``); "lr_scaling": "none" uses both as given.
             docs/algorithms.md §5.4.
         checkpoint: file the server writes atomically (model, optimizer, scheme state, step,
             per-worker bookkeeping); ``resume`` continues from it.
@@ -130,36 +131,72 @@ class PSConfig:
         return asdict(self)
 
 
-#: Async learning-rate scalings: "workers" divides the given (synchronous) lr by n.
+#: Async learning-rate scalings: "workers" converts the given synchronous lr and momentum per push.
 LR_SCALINGS = ("workers", "none")
+#: Async default cap on the per-push momentum (docs/algorithms.md §5.4).
+ASYNC_MOMENTUM = 0.75
+
+
+def async_step_size(lr: float, momentum: float, n_workers: int,
+                    async_momentum: float = ASYNC_MOMENTUM) -> tuple:
+    """Per-push (lr, momentum) for ``n_workers`` asynchronous workers from the synchronous ones.
+
+    Every push applies one gradient about n - 1 versions old instead of a mean of n, and the
+    staleness itself acts as extra momentum (Mitliagkas, Zhang, Hadjis, Ré, "Asynchrony begets
+    momentum", arXiv 1605.09774). So the momentum is lowered to at most ``async_momentum`` and the
+    lr is set to keep the steady-state distance per gradient, lr / (1 - momentum) / n, of the
+    synchronous run:
+
+        m_push  = min(momentum, async_momentum)            (momentum kept when n = 1)
+        lr_push = lr * (1 - m_push) / (1 - momentum) / n
+    """
+    n = int(n_workers)
+    if n < 1:
+        raise ConfigError(f"n_workers must be >= 1, got {n_workers}")
+    if not 0.0 <= momentum < 1.0:
+        raise ConfigError(f"async lr scaling needs a momentum in [0, 1), got {momentum}")
+    if not 0.0 <= async_momentum < 1.0:
+        raise ConfigError(f"async_momentum must be in [0, 1), got {async_momentum}")
+    m_push = momentum if n == 1 else min(momentum, async_momentum)
+    return lr * (1.0 - m_push) / (1.0 - momentum) / n, m_push
 
 
 def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter], mode: str,
                     n_workers: int = 1) -> torch.optim.Optimizer:
     """The server's optimizer from a spec; default SGD (sync) or Adaptive Braking SGD (async).
 
-    Async mode applies every push on arrival, each computed about n - 1 versions ago, so it
-    divides the lr by ``n_workers`` (``lr_scaling="workers"``, the default): n pushes then move
-    the weights as far as one synchronous round of n gradients at the given lr. Without it the
-    effective step grows n-fold while the delay grows with n (docs/algorithms.md §5.4).
+    Async mode applies every push on arrival, each computed about n - 1 versions ago. With
+    ``lr_scaling="workers"`` (the async default) the spec's lr and momentum are the synchronous
+    ones and :func:`async_step_size` converts them per push (lr / n at an unchanged momentum;
+    momentum lowered to ``async_momentum``, default 0.75, with the lr raised to keep the
+    distance per gradient). ``lr_scaling="none"`` applies them as given (docs/algorithms.md §5.4).
     """
     from commlib.optim import AdaptiveBrakingSGD
 
     spec = dict(spec or {})
     name = str(spec.pop("name", "sgd" if mode == "sync" else "ab-sgd")).lower().replace("_", "-")
     scaling = str(spec.pop("lr_scaling", "workers" if mode == "async" else "none")).lower()
+    async_momentum = spec.pop("async_momentum", None)
     if scaling not in LR_SCALINGS:
         raise ConfigError(f"lr_scaling must be one of {LR_SCALINGS}, got {scaling!r}")
     if int(n_workers) < 1:
         raise ConfigError(f"n_workers must be >= 1, got {n_workers}")
     spec.setdefault("lr", 0.05)
+    if name in ("ab-sgd", "adaptive-braking"):
+        spec.setdefault("momentum", 0.9)
     if scaling == "workers" and mode == "async":
-        spec["lr"] = float(spec["lr"]) / int(n_workers)
+        lr, momentum = async_step_size(
+            float(spec["lr"]), float(spec.get("momentum", 0.0)), int(n_workers),
+            ASYNC_MOMENTUM if async_momentum is None else float(async_momentum))
+        spec["lr"] = lr
+        if "momentum" in spec:
+            spec["momentum"] = momentum
+    elif async_momentum is not None and mode == "async":
+        raise ConfigError("async_momentum needs lr_scaling='workers' (with 'none' the momentum is used as given)")
     try:
         if name == "sgd":
             return torch.optim.SGD(params, **spec)
         if name in ("ab-sgd", "adaptive-braking"):
-            spec.setdefault("momentum", 0.9)
             return AdaptiveBrakingSGD(params, **spec)
     except TypeError as exc:
         raise ConfigError(f"optimizer {name!r}: {exc}") from None
