@@ -15,9 +15,8 @@ object the DDP runtime uses. Exactly-once bookkeeping (see ``commlib/ps/server.p
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -25,72 +24,18 @@ import torch
 from commlib.aggregate import MoNNA
 from commlib.comm.base import Transport
 from commlib.errors import ConfigError, PayloadError
-from commlib.ps.config import PSConfig
-from commlib.ps.protocol import Frame, FrameFlag, FrameKind
+from commlib.ps.config import PSConfig, coding_family
+from commlib.ps.protocol import SERVER_RANK, SERVER_SENDER, Frame, FrameFlag, FrameKind
 from commlib.ps.task import Task, model_keys
+from commlib.ps.worker_hooks import (  # noqa: F401  (re-exported: the names callers import from here)
+    RoundSkipped,
+    WorkerCrashed,
+    WorkerHooks,
+    WorkerStats,
+    new_session,
+)
 from commlib.scheme import Scheme
 from commlib.wire import DEFAULT_MAX_NUMEL, Kind, Message, Payload
-
-SERVER_RANK = 0
-#: Message.sender of the server's PARAMS messages (workers are 0..n-1)
-SERVER_SENDER = 0xFFFF_FFFF
-
-
-class WorkerCrashed(Exception):
-    """Raised by a fault hook to make a worker stop as if its process had died."""
-
-
-class RoundSkipped(Exception):
-    """Raised by a fault hook to give up the current round (its result never arrives)."""
-
-
-class WorkerHooks:
-    """Fault-injection points (``commlib.sim`` implements them); the defaults do nothing."""
-
-    def before_compute(self, worker: "PSWorker", step: int) -> None:
-        """Called before each gradient (may sleep: a straggler; raise WorkerCrashed: a crash)."""
-
-    def silent(self, worker: "PSWorker", step: int) -> bool:
-        """True: compute nothing and send nothing this step (a crashed-attack worker)."""
-        return False
-
-    def flip_labels(self, worker: "PSWorker", step: int) -> bool:
-        """True: compute the gradient on flipped labels (label-flipping attack)."""
-        return False
-
-    def work(self, worker: "PSWorker", step: int, load: float) -> None:
-        """Called after each computation with its load: the fraction of one full-data gradient
-        (a step's data over all workers) it processed (may sleep: simulated compute time)."""
-
-    def byzantine(self, worker: "PSWorker", step: int, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
-        """Replacement vectors (one flat tensor per key) sent instead of the scheme's payloads."""
-        return None
-
-    def before_send(self, worker: "PSWorker", step: int, data: bytes) -> bytes:
-        """The bytes that actually leave (may sleep: network delay; may garble them)."""
-        return data
-
-
-@dataclass
-class WorkerStats:
-    pushes: int = 0
-    params_received: int = 0
-    rollbacks: int = 0
-    skipped_rounds: int = 0
-    resyncs: int = 0
-    hellos: int = 0
-    rejected_frames: int = 0
-    ignored_frames: int = 0
-    compute_s: float = 0.0
-    status: str = "running"
-
-
-def new_session() -> int:
-    """A random non-zero 32-bit id for this worker process."""
-    while True:
-        s = int.from_bytes(os.urandom(4), "little")
-        if s:
-            return s
 
 
 class PSWorker:
@@ -133,10 +78,10 @@ class PSWorker:
         self.sgc = None  # sequential gradient coding (commlib/ps/sequential.py): assigned mini-tasks
         if self.config.coding is not None:
             from commlib.ps.coded import CodedWorker, build_code, check_coded_scheme
-            from commlib.ps.sequential import SGC_CODINGS, SGCWorker
+            from commlib.ps.sequential import SGCWorker
 
             check_coded_scheme(scheme, task)
-            if self.config.coding in SGC_CODINGS:
+            if coding_family(self.config.coding) == "sequential":
                 self.sgc = SGCWorker(self.numels)
             else:
                 code = build_code(self.config.coding, self.n_workers, self.config.straggler_tolerance,
