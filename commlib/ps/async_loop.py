@@ -41,7 +41,7 @@ def run_async(ps: ServerAPI) -> None:
         if payloads is not None:
             received: List[List[Optional[Payload]]] = [[None] * len(ps.keys) for _ in range(ps.n)]
             received[w] = payloads
-            dirs = ps.half.decode_group(ps.keys, ps.numels, received, dense=ps.dense)
+            dirs = ps.decode_group(received)
             ps.apply(dirs, [w], staleness=staleness, frames=[frame])
         ps.send_params([w], answer=True)
 

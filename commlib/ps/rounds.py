@@ -46,7 +46,6 @@ class ServerAPI(Protocol):
     dense: List[bool]
     members: Membership
     transport: Any
-    half: Any
     stopped: str
     started: float  # time.monotonic() when training started
 
@@ -62,6 +61,10 @@ class ServerAPI(Protocol):
               frames: Sequence[Frame] = ()) -> None: ...
 
     def empty_round(self) -> None: ...
+
+    def decode_group(self, received: List[List[Optional[Payload]]]) -> List[torch.Tensor]: ...
+
+    def agree(self, got: Pushes) -> Pushes: ...
 
     def idle_for(self) -> float: ...
 
@@ -119,7 +122,7 @@ class SyncRound(RoundKind):
         """The update directions from this round's pushes; None: nothing can be applied."""
         received = [got[w][0] if w in got else [None] * len(ps.keys) for w in range(ps.n)]
         try:
-            return ps.half.decode_group(ps.keys, ps.numels, received, dense=ps.dense)
+            return ps.decode_group(received)
         except ConfigError:  # too few contributions for the robust rule this round
             return None
 
@@ -159,6 +162,7 @@ class SyncRound(RoundKind):
             payloads = ps.decode(frame)
             if payloads is not None:
                 got[w] = (payloads, frame)
+        got = ps.agree(got)
         members.note_dead()
         for w in expected:
             if w not in got:

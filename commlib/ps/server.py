@@ -35,6 +35,7 @@ from commlib.ps.config import PSConfig, build_optimizer
 from commlib.ps.membership import BOOKKEEPING, Membership, WorkerRecord  # noqa: F401  (re-exported)
 from commlib.ps.protocol import SERVER_RANK, SERVER_SENDER, Frame, FrameFlag, FrameKind
 from commlib.ps.round_kinds import build_round
+from commlib.ps.shards import ShardSpec
 from commlib.ps.task import Task, model_keys
 from commlib.scheme import Scheme
 from commlib.wire import DTYPES, Message, Payload, check_values
@@ -55,11 +56,13 @@ class ParameterServer:
         config: :class:`PSConfig` (mode, steps, quorum, timeouts, staleness, checkpoint, ...).
         optimizer: an optimizer over the model's parameters (default: from ``config.optimizer``).
         on_step: called with each history record (progress bars, logging).
+        shard: serve one shard of the keys (:class:`commlib.ps.shards.ShardSpec`).
     """
 
     def __init__(self, transport: Transport, scheme: Scheme, task: Union[Task, nn.Module],
                  config: Optional[PSConfig] = None, *, optimizer: Optional[torch.optim.Optimizer] = None,
-                 on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+                 on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 shard: Optional[ShardSpec] = None) -> None:
         if transport.rank != SERVER_RANK:
             raise ConfigError(f"the server is rank {SERVER_RANK}, this transport is rank {transport.rank}")
         self.transport = transport
@@ -71,6 +74,9 @@ class ParameterServer:
         self.task = task if isinstance(task, Task) else None
         self.model = task.build_model() if isinstance(task, Task) else task
         self.keys, self.params = model_keys(self.model)
+        self.shard = shard  # a sharded server (commlib/ps/shards.py): this shard's keys only
+        if shard is not None:
+            self.keys, self.params = shard.select(self.keys, self.params, cfg, scheme, self.task)
         self.numels = [p.numel() for p in self.params]
         self.dense = [scheme.sends_dense(tuple(p.shape)) for p in self.params]
         self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode, self.n)
@@ -259,6 +265,16 @@ class ParameterServer:
             return None
 
     # ---------------------------------------------------------------------------- updates
+    def decode_group(self, received: List[List[Optional[Payload]]]) -> List[torch.Tensor]:
+        """The scheme's server half on ``received[w][j]`` (None: missing): one direction per key."""
+        if self.shard is not None:
+            return self.shard.decode_group(self.half, self.keys, self.numels, received, self.dense)
+        return self.half.decode_group(self.keys, self.numels, received, dense=self.dense)
+
+    def agree(self, got: Dict[int, Any]) -> Dict[int, Any]:
+        """The pushes of a round that are applied: all of them, or on a shard those every shard has."""
+        return got if self.shard is None else self.shard.agree_pushes(got, self.members)
+
     def apply(self, dirs: List[torch.Tensor], workers: Sequence[int], staleness: int = 0,
               frames: Sequence[Frame] = ()) -> None:
         """One optimizer step with ``dirs`` (one flat direction per parameter) from ``workers``;
@@ -324,7 +340,7 @@ class ParameterServer:
     # ------------------------------------------------------------------------------ evaluate
     def evaluate(self) -> Dict[str, float]:
         """The task's metrics at the current parameters (recorded in ``evals``)."""
-        if self.task is None:
+        if self.task is None or self.shard is not None:  # a shard holds only its keys
             return {}
         metrics = self.task.evaluate(self.model)
         if metrics:
@@ -403,4 +419,5 @@ class ParameterServer:
             "scheme": self.scheme.describe(),
             "transport": self.transport.stats.as_dict(),
             "coding": self.rounds.summary(),
+            "shard": self.shard.summary() if self.shard is not None else None,
         }

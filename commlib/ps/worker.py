@@ -20,6 +20,7 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
 from commlib.aggregate import MoNNA
 from commlib.comm.base import Transport
@@ -42,7 +43,8 @@ class PSWorker:
     """One worker of a parameter-server run. Rank ``worker_id + 1`` on the transport."""
 
     def __init__(self, transport: Transport, scheme: Scheme, task: Task, config: Optional[PSConfig] = None, *,
-                 hooks: Optional[WorkerHooks] = None, session: Optional[int] = None) -> None:
+                 hooks: Optional[WorkerHooks] = None, session: Optional[int] = None,
+                 model: Optional[nn.Module] = None, keys: Optional[range] = None) -> None:
         if transport.rank == SERVER_RANK:
             raise ConfigError("rank 0 is the server; workers are ranks 1..n")
         self.transport = transport
@@ -52,8 +54,10 @@ class PSWorker:
         self.hooks = hooks or WorkerHooks()
         self.worker_id = transport.rank - 1
         self.n_workers = transport.world_size - 1
-        self.model = task.build_model()
+        self.model = model if model is not None else task.build_model()
         self.keys, self.params = model_keys(self.model)
+        if keys is not None:  # one shard's keys of a model shared with the other shards' workers
+            self.keys, self.params = self.keys[keys.start:keys.stop], self.params[keys.start:keys.stop]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.numels = [p.numel() for p in self.params]
         # an SGC assignment carries a few model versions: bound what its size claims may expand to
@@ -332,12 +336,25 @@ class PSWorker:
             self._send_push(frame, step, payloads, loss_value, t0)
             return
         t0 = time.perf_counter()
+        loss_value = self.backward(step)
+        self.push_gradients(frame, step, self.own_gradients(), loss_value, t0)
+
+    def backward(self, step: int) -> float:
+        """The task's loss at the loaded parameters, back-propagated; returns its value."""
         self.model.zero_grad(set_to_none=True)
         loss = self.task.loss(self.model, self.worker_id, self.n_workers, step,
                               flip_labels=self.hooks.flip_labels(self, step))
         loss.backward()
-        grads = [p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
-                 for p in self.params]
+        return float(loss.detach())
+
+    def own_gradients(self) -> List[torch.Tensor]:
+        """The flat gradients of this worker's parameters (zeros where there is none)."""
+        return [p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                for p in self.params]
+
+    def push_gradients(self, frame: Frame, step: int, grads: List[torch.Tensor], loss_value: float,
+                       t0: float) -> None:
+        """Encode ``grads`` with the scheme's worker half (after momentum and attack hooks), push."""
         if self.momentum is not None:  # MoNNA (Farhadkhani et al. 2023, Alg. 1): m_i <- beta m_i + (1-beta) g_i
             grads = [self.momentum.update(g, key) for g, key in zip(grads, self.keys)]
         self.sw.begin_step()
@@ -350,7 +367,7 @@ class PSWorker:
         self.sw.record(payloads, self.dense_bytes)
         self.sw.end_step()
         self.hooks.work(self, step, 1.0 / self.n_workers)
-        self._send_push(frame, step, payloads, float(loss.detach()), t0)
+        self._send_push(frame, step, payloads, loss_value, t0)
 
     def _send_push(self, frame: Frame, step: int, payloads: List[Payload], loss_value: float, t0: float,
                    flags: FrameFlag = FrameFlag.NONE, aux: int = -1) -> None:
