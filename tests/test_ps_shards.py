@@ -9,7 +9,7 @@ import torch.nn as nn
 
 from commlib.aggregate.points import Part, Points, vectors_in_parts
 from commlib.errors import ConfigError
-from commlib.ps import InprocJob, PSConfig, Task
+from commlib.ps import InprocJob, PSConfig, Task, WorkerHooks
 from commlib.ps.shards import ShardExchange, shard_ranges
 from commlib.ps.sharded_local import ShardedInprocJob
 from ddp_jobs import Net, make_data, shard
@@ -130,6 +130,30 @@ def test_three_shards_equal_one_for_distance_based_rules(scheme):
     three = sharded(scheme, n, cfg(), 3)
     assert close(three, one, atol=1e-6)
     assert close(one, plain(scheme, n, cfg()), atol=1e-6)
+
+
+class Garble(WorkerHooks):
+    """Flip a byte of the push of ``step`` (the receiver's CRC check rejects it)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def before_send(self, worker, step, data):
+        return data[:-1] + bytes([data[-1] ^ 1]) if step == self.step else data
+
+
+def test_a_push_one_shard_rejects_is_applied_by_no_shard():
+    # worker 0's push of step 2 reaches shards 0 and 2 intact, shard 1 garbled: the shards agree
+    # to leave it out everywhere, as the unsharded server leaves out a rejected push
+    scheme, config = {"compressor": "identity"}, cfg(steps=4, max_misses=10, step_timeout=2.0)
+    job = InprocJob(NetTask(), scheme, config, 3, hooks={0: Garble(2)})
+    ref = job.run()
+    assert ref["totals"]["rejected"] == 1
+    res = ShardedInprocJob(NetTask(), scheme, config, 3, 3, hooks={0: {1: Garble(2)}}).run()
+    rejected = [s["totals"]["rejected"] for s in res["shards"]]
+    assert rejected == [0, 1, 0] and [s["shard"]["dropped"] for s in res["shards"]] == [1, 0, 1]
+    assert all(s["workers"][0]["applied"] == 3 for s in res["shards"])
+    assert close(res["model_state"], {k: v.detach() for k, v in job.server.model.state_dict().items()})
 
 
 def test_shards_checkpoint_and_resume_each_to_the_uninterrupted_run(tmp_path):

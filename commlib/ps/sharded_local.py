@@ -28,7 +28,7 @@ from commlib.ps.protocol import FrameKind
 from commlib.ps.server import ParameterServer
 from commlib.ps.shards import ShardExchange, ShardSpec, shard_ranges
 from commlib.ps.task import Task, build_task, model_keys
-from commlib.ps.worker import PSWorker, new_session
+from commlib.ps.worker import PSWorker, WorkerHooks, new_session
 from commlib.scheme import Scheme
 
 _POLL = 0.05  # seconds a worker waits on one shard before looking at the others again
@@ -38,12 +38,13 @@ class ShardedWorker:
     """One worker of a sharded run: a :class:`PSWorker` per shard, sharing one model."""
 
     def __init__(self, endpoints: List[Transport], schemes: List[Scheme], task: Task, config: PSConfig,
-                 ranges: List[range]) -> None:
+                 ranges: List[range], hooks: Optional[Mapping[int, WorkerHooks]] = None) -> None:
         self.config = config
         self.model = task.build_model()
         session = new_session()  # one process: the same session on every shard
-        self.parts = [PSWorker(ep, sc, task, config, session=session, model=self.model, keys=r)
-                      for ep, sc, r in zip(endpoints, schemes, ranges)]
+        hooks = hooks or {}
+        self.parts = [PSWorker(ep, sc, task, config, session=session, model=self.model, keys=r, hooks=hooks.get(i))
+                      for i, (ep, sc, r) in enumerate(zip(endpoints, schemes, ranges))]
         self.steps = 0
 
     def run(self) -> List[Dict[str, Any]]:
@@ -94,10 +95,13 @@ class ShardedInprocJob:
     """``shards`` parameter-server shards and ``n_workers`` :class:`ShardedWorker` threads.
 
     The keys are split by :func:`commlib.ps.shards.shard_ranges`; with ``config.checkpoint``
-    shard ``i`` checkpoints to ``<checkpoint>.shard<i>`` (and resumes from it)."""
+    shard ``i`` checkpoints to ``<checkpoint>.shard<i>`` (and resumes from it). ``hooks[w][i]``:
+    the :class:`WorkerHooks` of worker ``w``'s part for shard ``i`` (its ``before_send`` sees the
+    frames to that shard; computation hooks are not called by sharded workers)."""
 
     def __init__(self, task: Union[Task, Mapping[str, Any]], scheme: Union[Scheme, Mapping[str, Any]],
-                 config: PSConfig, n_workers: int, shards: int) -> None:
+                 config: PSConfig, n_workers: int, shards: int,
+                 hooks: Optional[Mapping[int, Mapping[int, WorkerHooks]]] = None) -> None:
         if int(n_workers) < 1:
             raise ConfigError(f"n_workers must be >= 1, got {n_workers}")
         self.task = build_task(task)
@@ -112,7 +116,7 @@ class ShardedInprocJob:
                                         self._shard_config(i), shard=ShardSpec(i, self.k, r, self.exchange))
                         for i, r in enumerate(self.ranges)]
         self.workers = [ShardedWorker([h.endpoint(w + 1) for h in self.hubs], [self.new_scheme() for _ in self.hubs],
-                                      self.task, config, self.ranges) for w in range(self.n)]
+                                      self.task, config, self.ranges, (hooks or {}).get(w)) for w in range(self.n)]
         self.errors: Dict[str, BaseException] = {}
 
     def new_scheme(self) -> Scheme:
