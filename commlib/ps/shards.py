@@ -7,7 +7,7 @@ pushes each shard its part of the scheme's payloads (``commlib/ps/sharded_local.
 shard applies the same scheme's server half to its keys, so:
 
 * coordinate-wise rules (mean, median, trimmed mean, ...) run per shard unchanged;
-* distance-based rules (Krum, Multi-Krum, NNM, MoNNA, geometric median, clipping, Flag) see
+* distance-based rules (Krum, Multi-Krum, NNM, MoNNA, geometric median, Flag) see
   the whole vectors' geometry: row norms and the n x n Gram matrix are sums over coordinates,
   so each shard's partial sums are added over the shards (``commlib.aggregate.points.Part``)
   and every shard selects the same workers;
