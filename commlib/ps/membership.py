@@ -1,6 +1,7 @@
 """Who the workers are and what the server applied from each: the exactly-once bookkeeping of
 a parameter server (sessions, ``last_applied``/``durable``), liveness (drops and rejoins) and
-the per-worker counters that ``ParameterServer.result()`` reports.
+the per-worker counters that ``ParameterServer.result()`` reports; and the end of a run
+(SHUTDOWN to every worker, then wait for their BYE).
 
 Exactly once: the server records, per worker process (``session``), the sequence number of the
 last push it applied; a push with a number not above it is a duplicate and ignored. PARAMS
@@ -15,7 +16,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from commlib.comm.base import Transport
-from commlib.ps.protocol import Frame, FrameFlag
+from commlib.errors import PayloadError
+from commlib.ps.protocol import Frame, FrameFlag, FrameKind
 
 #: WorkerRecord fields a checkpoint keeps
 BOOKKEEPING = ("session", "last_applied", "durable")
@@ -195,6 +197,33 @@ class Membership:
     def mean_loss(self, workers: Sequence[int]) -> float:
         losses = [self.records[w].loss for w in workers if not math.isnan(self.records[w].loss)]
         return sum(losses) / len(losses) if losses else float("nan")
+
+    # -- the end ---------------------------------------------------------------------------
+    def shutdown(self, timeout: float) -> None:
+        """Tell every worker to stop; wait (bounded) for the live ones to say BYE. A worker that
+        says HELLO meanwhile (a late restart) is told to stop too."""
+        for w, rec in enumerate(self.records):
+            if rec.session and not self.transport.is_dead(w + 1):
+                self.transport.send(w + 1, Frame(FrameKind.SHUTDOWN, w, session=rec.session).to_bytes())
+        waiting = {w for w, rec in enumerate(self.records)
+                   if rec.live and rec.session and not self.transport.is_dead(w + 1)}
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            got = self.transport.recv(timeout=max(0.0, deadline - time.monotonic()))
+            if got is None:
+                break
+            src, data = got
+            try:
+                frame = Frame.from_bytes(data, max_body=self.transport.max_message_bytes)
+            except PayloadError:
+                continue
+            if frame.worker != src - 1:
+                continue
+            if frame.kind == FrameKind.BYE:
+                waiting.discard(frame.worker)
+            elif frame.kind == FrameKind.HELLO:
+                self.transport.send(src, Frame(FrameKind.SHUTDOWN, frame.worker, session=frame.session).to_bytes())
+                waiting.add(frame.worker)
 
     # -- checkpoints ------------------------------------------------------------------------
     def make_durable(self) -> None:

@@ -126,7 +126,7 @@ class ParameterServer:
         else:
             run_async(self)
         # an exception above leaves without SHUTDOWN, like a crashed server: workers wait for a restart
-        self._shutdown()
+        self.members.shutdown(self.config.shutdown_timeout)
         if self.task is not None and not (self.evals and self.evals[-1]["step"] == self.version):
             self.evaluate()
         if not self.stopped:
@@ -309,33 +309,6 @@ class ParameterServer:
             rec.update({f"test_{k}": v for k, v in self.evaluate().items()})
         if self.on_step is not None:
             self.on_step(rec)
-
-    # ------------------------------------------------------------------------------ shutdown
-    def _shutdown(self) -> None:
-        """Tell every worker to stop; wait (bounded) for the live ones to say BYE. A worker that
-        says HELLO meanwhile (a late restart) is told to stop too."""
-        for w, rec in enumerate(self.records):
-            if rec.session and not self.transport.is_dead(w + 1):
-                self.transport.send(w + 1, Frame(FrameKind.SHUTDOWN, w, session=rec.session).to_bytes())
-        waiting = {w for w, rec in enumerate(self.records)
-                   if rec.live and rec.session and not self.transport.is_dead(w + 1)}
-        deadline = time.monotonic() + self.config.shutdown_timeout
-        while waiting and time.monotonic() < deadline:
-            got = self.transport.recv(timeout=max(0.0, deadline - time.monotonic()))
-            if got is None:
-                break
-            src, data = got
-            try:
-                frame = Frame.from_bytes(data, max_body=self.transport.max_message_bytes)
-            except PayloadError:
-                continue
-            if frame.worker != src - 1:
-                continue
-            if frame.kind == FrameKind.BYE:
-                waiting.discard(frame.worker)
-            elif frame.kind == FrameKind.HELLO:
-                self.transport.send(src, Frame(FrameKind.SHUTDOWN, frame.worker, session=frame.session).to_bytes())
-                waiting.add(frame.worker)
 
     # ------------------------------------------------------------------------------ evaluate
     def evaluate(self) -> Dict[str, float]:
