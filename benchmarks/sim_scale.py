@@ -116,7 +116,7 @@ def profile(ns: List[int], quick: bool, with_ray: bool) -> List[Dict[str, Any]]:
     from commlib.comm.inproc import InprocHub
     from commlib.ps import PSConfig, build_task
     from commlib.ps.protocol import Frame, FrameKind
-    from commlib.ps.worker import SERVER_SENDER
+    from commlib.ps.protocol import SERVER_SENDER
     from commlib.ps.worker_group import VirtualPSWorker
     from commlib.scheme import Scheme
     from commlib.wire import Message, Payload

@@ -368,3 +368,22 @@ def test_run_inproc_with_a_task_spec_learns():
                      PSConfig(steps=60, eval_every=30, optimizer={"lr": 0.2}), 3)
     assert res["status"] == "done" and len(res["evals"]) == 2
     assert res["evals"][-1]["accuracy"] > 0.3 and res["evals"][-1]["loss"] < res["history"][0]["loss"]
+
+
+def test_sync_round_looks_up_liveness_per_round_not_per_frame():
+    # the quorum of a round counts the reachable workers; doing that for every received frame
+    # (O(n) each) cost O(n^2) per round, about a million lookups at 1,000 workers
+    n, steps = 24, 2
+    job = InprocJob(DDPJobTask(), {"compressor": "identity"}, cfg(steps=steps), n)
+    server = job.make_server()
+    calls = [0]
+    is_dead = server.transport.is_dead
+
+    def counting(peer):
+        calls[0] += 1
+        return is_dead(peer)
+
+    server.transport.is_dead = counting
+    res = job.run()
+    assert res["steps"] == steps and res["totals"]["applied"] == n * steps
+    assert calls[0] <= 8 * n * (steps + 1), calls[0]  # a few passes over the workers per round

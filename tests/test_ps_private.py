@@ -242,7 +242,7 @@ def test_private_ps_server_crash_around_a_resync_keeps_noise_fresh_and_diff2_in_
             if when == "resync not yet checkpointed" and self.epoch == 1:
                 raise _CrashWhen
             super()._after_update(workers, staleness)
-            if when == "resync pending" and self._pending_resync:
+            if when == "resync pending" and self.pending_resync:
                 raise _CrashWhen
 
     spec = {"name": "private", "task": {"name": "classification", "width": 8, "batch": 8}, "seed": 3,

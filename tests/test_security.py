@@ -179,7 +179,7 @@ def _torch_job_rank(rank, world, port, out, outsider, steps):
             with open(os.path.join(out, "server.json"), "w") as f:
                 json.dump({"applied": [r["applied"] for r in res["workers"]],
                            "rejected": [r["rejected"] for r in res["workers"]],
-                           "transport": res["transport"], "acc": server._evaluate().get("accuracy"),
+                           "transport": res["transport"], "acc": server.evaluate().get("accuracy"),
                            "finite": all(bool(torch.isfinite(p).all()) for p in server.model.parameters()),
                            "listeners": seen.get("listeners", [])}, f)
         elif rank != outsider:

@@ -35,7 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from commlib.aggregate.base import AGGREGATORS
-from commlib.aggregate.points import Points, chunk_columns, product_dtype
+from commlib.aggregate.points import Part, Points, chunk_columns, current_part, product_dtype
 from commlib.aggregate.robust import RobustAggregator
 from commlib.errors import ConfigError
 
@@ -185,6 +185,9 @@ class FlagAggregator(RobustAggregator):
             raise ConfigError("flag: pair terms (lam > 0) need at least 2 inputs")
 
     def _z_rows(self, points: Points, r: int) -> _ZRows:
+        part = current_part()
+        if part is not None:
+            return self._z_rows_of_part(points, r, part)
         if not self.cache_init:
             return _ZRows(points.d, r, self.seed, points.dtype, points.device, None)
         key = (points.d, r, self.seed, points.dtype, str(points.device))
@@ -195,12 +198,28 @@ class FlagAggregator(RobustAggregator):
         zt, ztz = self._z[key]
         return _ZRows(points.d, r, self.seed, points.dtype, points.device, zt, ztz)
 
+    def _z_rows_of_part(self, points: Points, r: int, part: Part) -> _ZRows:
+        """Rows ``[offset, offset + d)`` of the whole vectors' Z, and the whole Z^T Z."""
+        key = (part.total, part.offset, points.d, r, self.seed, points.dtype, str(points.device))
+        if key not in self._z:
+            z = flag_init_matrix(part.total, r, self.seed)[part.offset: part.offset + points.d]
+            zt = z.t().contiguous().to(dtype=points.dtype, device=points.device)
+            self._z = {key: (zt, part.allreduce(_chunked_gram(zt)))}
+        zt, ztz = self._z[key]
+        if not self.cache_init:
+            self._z = {}
+        return _ZRows(points.d, r, self.seed, points.dtype, points.device, zt, ztz)
+
     def aggregate_points(self, points: Points) -> torch.Tensor:
         p, r = points.m, self.rank(points.m)
-        if r > points.d:
-            raise ConfigError(f"flag: r={r} exceeds the dimension d={points.d}")
+        part = current_part()
+        d = points.d if part is None else part.total
+        if r > d:
+            raise ConfigError(f"flag: r={r} exceeds the dimension d={d}")
         zrows = self._z_rows(points, r)
         gx, zx, ztz = _source_products(points.stack, zrows)
+        if part is not None:  # products of the whole vectors: sums over the parts
+            gx, zx = part.allreduce(gx), part.allreduce(zx)
         coeffs = points.coefficient_matrix()
         inner = coeffs @ gx @ coeffs.t()  # <y_i, y_j>
         zy = zx @ coeffs.t()  # Z^T y_i, (r, p)
@@ -227,6 +246,8 @@ class FlagAggregator(RobustAggregator):
             out = points.combine(w * scale)
         if self.rescale:
             out_norm = torch.linalg.vector_norm(out)
+            if part is not None:
+                out_norm = part.allreduce(out_norm.double().square()).sqrt().to(out.dtype)
             if out_norm > 0:
                 out.mul_(torch.quantile(norms, 0.5).to(out.dtype) / out_norm)
         return out

@@ -17,7 +17,10 @@ quadratic forms too.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterator, Optional, Tuple
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterator, Optional, Tuple
 
 import torch
 
@@ -42,6 +45,38 @@ def product_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if max(-float(lo), float(hi)) > _FLOAT32_PRODUCT_PEAK else x.dtype
 
 
+@dataclass(frozen=True)
+class Part:
+    """The rows are coordinates ``[offset, offset + d)`` of vectors of ``total`` coordinates held
+    in parts (a sharded parameter server): ``allreduce`` sums a tensor over every part's call
+    (all parts make the same calls in the same order, and get the same sum)."""
+
+    allreduce: Callable[[torch.Tensor], torch.Tensor]
+    offset: int
+    total: int
+
+
+_PART = threading.local()
+
+
+@contextmanager
+def vectors_in_parts(part: Part) -> Iterator[None]:
+    """Within this block every rule sees the geometry of the whole vectors: row norms, the Gram
+    matrix and distances are sums over coordinates, so each part's partial sums are added up
+    with ``part.allreduce`` and every part selects the same rows (exact up to summation order)."""
+    prev = getattr(_PART, "part", None)
+    _PART.part = part
+    try:
+        yield
+    finally:
+        _PART.part = prev
+
+
+def current_part() -> Optional[Part]:
+    """The :class:`Part` of the enclosing :func:`vectors_in_parts`, or None (whole vectors)."""
+    return getattr(_PART, "part", None)
+
+
 def chunk_columns(rows: int, device: torch.device, elems: Optional[int] = None) -> int:
     """Columns per chunk so that a (rows, chunk) buffer holds about ``elems`` elements."""
     if elems is None:
@@ -62,7 +97,11 @@ class Source:
     def center(self) -> int:
         """Index of the reference row (median norm; lowest index on ties)."""
         if self._center is None:
-            norms = torch.linalg.vector_norm(self.stack, dim=1).double().cpu()
+            part = current_part()
+            if part is None:
+                norms = torch.linalg.vector_norm(self.stack, dim=1).double().cpu()
+            else:  # squared norms of the whole rows (same order as the norms)
+                norms = part.allreduce(_row_sq_norms(self.stack)).cpu()
             order = torch.sort(norms, stable=True).indices
             self._center = int(order[(self.n - 1) // 2])
         return self._center
@@ -89,6 +128,9 @@ class Source:
             torch.sub(x[:, s:e], c, out=b[:n])
             torch.neg(c, out=b[n])
             acc.add_(b @ b.t())
+        part = current_part()
+        if part is not None:  # the centred Gram of the whole rows: a sum over the parts
+            acc = part.allreduce(acc)
         return 0.5 * (acc + acc.t())
 
 
@@ -177,7 +219,7 @@ class Points:
     def sq_norms(self) -> torch.Tensor:
         """(m,) float64 squared norms."""
         if "sq_norms" not in self._cache:
-            if self.coeffs is None and self.source._gram is None:
+            if self.coeffs is None and self.source._gram is None and current_part() is None:
                 self._cache["sq_norms"] = _row_sq_norms(self.stack)
             else:
                 k = self.gram()
@@ -193,7 +235,8 @@ class Points:
         v = v.to(dtype=self.dtype, device=self.device)
         for s, e, y in self.chunks():
             out.add_(torch.linalg.vector_norm(y - v[s:e], dim=1).double().square())
-        return out
+        part = current_part()
+        return out if part is None else part.allreduce(out)
 
     # -- back to R^d ----------------------------------------------------------------------------
     def combine(self, w: torch.Tensor) -> torch.Tensor:

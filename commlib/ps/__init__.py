@@ -9,11 +9,13 @@ server half; workers that pull parameters, compute gradients and push Payloads.
 Other transports: ``python -m commlib.ps --transport torch|mpi`` under torchrun / mpirun,
 and ``commlib.ps.ray_runner.run_ray`` on a local Ray or a Ray cluster. Many logical workers per
 process (virtual workers, ``commlib.ps.worker_group``): ``run_inproc_groups`` and
-``commlib.ps.group_ray.run_ray_groups``.
+``commlib.ps.group_ray.run_ray_groups``. A sharded server (parameters split over k shards):
+``run_inproc_sharded``.
 """
 from commlib.ps.config import PSConfig, build_optimizer  # noqa: F401
 from commlib.ps.local import InprocJob, run_inproc  # noqa: F401
 from commlib.ps.group_local import GroupInprocJob, run_inproc_groups  # noqa: F401
+from commlib.ps.sharded_local import ShardedInprocJob, run_inproc_sharded  # noqa: F401
 from commlib.ps.protocol import Frame, FrameFlag, FrameKind  # noqa: F401
 from commlib.ps.server import ParameterServer, WorkerRecord  # noqa: F401
 from commlib.ps.task import TASKS, ClassificationTask, Task, build_task  # noqa: F401

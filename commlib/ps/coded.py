@@ -20,17 +20,17 @@ aggregator (anything else is refused with ConfigError).
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from commlib.coding.gc import GradientCode, NotDecodable, combine, make_gradient_code
 from commlib.errors import ConfigError
+from commlib.ps.config import coding_family
+from commlib.ps.rounds import Pushes, ServerAPI, SyncRound
 from commlib.scheme import Scheme
 from commlib.wire import Payload
-
-CODINGS = ("frc", "cyclic", "auto")
 
 
 def check_coded_scheme(scheme: Scheme, task: Any = None) -> None:
@@ -54,9 +54,9 @@ def check_coded_scheme(scheme: Scheme, task: Any = None) -> None:
 
 
 def build_code(coding: str, n: int, s: int, seed: int = 0) -> GradientCode:
-    """The (n, s) gradient code named by ``PSConfig.coding``."""
-    if coding not in CODINGS:
-        raise ConfigError(f"coding must be one of {CODINGS}, got {coding!r}")
+    """The (n, s) gradient code named by ``PSConfig.coding`` (``commlib.coding.GRADIENT_CODES``)."""
+    if coding_family(coding) != "gradient":
+        raise ConfigError(f"{coding!r} is a sequential gradient code, not a per-round one")
     if not 0 <= int(s) < int(n):
         raise ConfigError(f"straggler_tolerance must satisfy 0 <= s < n = {n}, got {s}")
     if coding == "frc" and n % (s + 1):
@@ -90,10 +90,12 @@ class CodedWorker:
         return [Payload.dense(c, slot=j) for j, c in enumerate(coded)], sum(losses) / len(losses)
 
 
-class CodedServer:
-    """The server half: when a round may be applied, and the decoded mean gradient."""
+class CodedServer(SyncRound):
+    """The server half, a synchronous round kind: when a round may be applied, and the decoded
+    mean gradient."""
 
     def __init__(self, code: GradientCode) -> None:
+        super().__init__(code.n)
         self.code = code
         self.fallbacks = 0  # rounds that waited past step_timeout for a decodable set
         self.decoded = 0  # rounds applied from a decoded gradient
@@ -106,6 +108,27 @@ class CodedServer:
 
     def decodable(self, workers: Sequence[int]) -> bool:
         return len(workers) > 0 and self.code.decodable(workers)
+
+    # -- the round (commlib/ps/rounds.py) ---------------------------------------------------
+    def enough(self, got: Pushes) -> bool:
+        return self.decodable(list(got))
+
+    def keep_waiting(self, ps: ServerAPI, expected: Sequence[int], got: Pushes, fell_back: bool) -> bool:
+        """At the timeout without a decodable set, keep waiting (counted once per round) while a
+        live worker may still push; False: give the round up."""
+        if ps.idle_for() > ps.config.idle_timeout:
+            return False
+        if not any(w not in got and not ps.transport.is_dead(w + 1) for w in expected):
+            return False
+        if not fell_back:
+            self.fallbacks += 1
+        return True
+
+    def combine(self, ps: ServerAPI, got: Pushes) -> Optional[List[torch.Tensor]]:
+        try:
+            return self.decode({w: pl for w, (pl, _) in got.items()}, ps.numels)
+        except NotDecodable:
+            return None
 
     def decode(self, got: Mapping[int, List[Payload]], numels: Sequence[int]) -> List[torch.Tensor]:
         """Mean gradient ``(1/n) sum_j g_j`` per parameter (float64), from ``{worker: payloads}``."""

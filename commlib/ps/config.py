@@ -10,8 +10,21 @@ import torch
 from commlib.errors import ConfigError
 
 MODES = ("sync", "async")
-#: gradient codings: Tandon et al. 2017 (per round) and sequential (Krishnan et al. 2023)
-CODINGS = ("frc", "cyclic", "auto", "sr-sgc", "m-sgc")
+
+
+def coding_family(name: Any) -> str:
+    """Which round a ``PSConfig.coding`` name runs, looked up in the code registries:
+    "gradient" (Tandon et al. 2017: ``commlib.coding.GRADIENT_CODES`` or "auto") or
+    "sequential" (Krishnan et al. 2023: ``commlib.coding.SGC_SCHEMES``); ConfigError otherwise."""
+    from commlib.coding import GRADIENT_CODES, SGC_SCHEMES
+
+    if isinstance(name, str):
+        if name in SGC_SCHEMES:
+            return "sequential"
+        if name in GRADIENT_CODES or name.strip().lower() == "auto":
+            return "gradient"
+    known = ["auto"] + GRADIENT_CODES.names() + SGC_SCHEMES.names()
+    raise ConfigError(f"coding must be one of {known} or None, got {name!r}")
 
 
 @dataclass
@@ -108,8 +121,7 @@ class PSConfig:
         if self.coding is not None:
             if self.mode != "sync":
                 raise ConfigError("gradient coding needs mode='sync'")
-            if self.coding not in CODINGS:
-                raise ConfigError(f"coding must be one of {CODINGS} or None, got {self.coding!r}")
+            coding_family(self.coding)
         if int(self.straggler_tolerance) < 0:
             raise ConfigError(f"straggler_tolerance must be >= 0, got {self.straggler_tolerance}")
         if int(self.straggler_burst) < 1 or int(self.straggler_window) <= int(self.straggler_burst):

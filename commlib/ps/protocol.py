@@ -45,6 +45,11 @@ HEADER_BYTES = _HDR.size
 assert HEADER_BYTES == 80
 _CRC_AT = 68
 
+#: transport rank of the server (workers 0..n-1 are ranks 1..n)
+SERVER_RANK = 0
+#: Message.sender of the server's PARAMS messages (workers are 0..n-1)
+SERVER_SENDER = 0xFFFF_FFFF
+
 
 class FrameKind(enum.IntEnum):
     HELLO = 1

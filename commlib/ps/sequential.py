@@ -47,136 +47,36 @@ The coded path is linear: identity compressor, no error feedback, mean aggregato
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from commlib.coding.sgc import MiniTask, SequentialScheduler
+from commlib.coding.sgc import SGC_SCHEMES, MiniTask, SequentialScheduler
 from commlib.coding.stragglers import admits
 from commlib.errors import ConfigError, PayloadError
-from commlib.ps.protocol import Frame, FrameFlag, FrameKind
-from commlib.wire import DTYPES, Kind, Message, Payload
-
-if TYPE_CHECKING:
-    from commlib.ps.server import ParameterServer
-
-SGC_CODINGS = ("sr-sgc", "m-sgc")
-MAGIC = 21319.0  # "SG": marks an assignment descriptor
-_MAX_INT = 2 ** 52  # integers above this are not exact in float64
+from commlib.ps.config import coding_family
+from commlib.ps.protocol import SERVER_SENDER, Frame, FrameFlag, FrameKind
+from commlib.ps.rounds import RoundKind, ServerAPI
+from commlib.ps.sgc_wire import (  # noqa: F401  (the wire format, re-exported)
+    MAGIC,
+    Assignment,
+    decode_assignment,
+    decode_results,
+    encode_assignment,
+)
+from commlib.wire import Message, Payload
 
 
 def build_scheduler(coding: str, n: int, B: int, W: int, lam: int, num_jobs: Optional[int],
                     code: str = "auto", seed: int = 0) -> SequentialScheduler:
-    """The SR-SGC or M-SGC scheduler of ``PSConfig(coding=...)`` for n workers, (B, W, lam)."""
-    from commlib.coding import MultiplexedSGC, SelectiveRepeatSGC
-
-    if coding == "sr-sgc":
-        return SelectiveRepeatSGC(n, B, W, lam, num_jobs=num_jobs, code=code, seed=seed)
-    if coding == "m-sgc":
-        return MultiplexedSGC(n, B, W, lam, num_jobs=num_jobs, code=code, seed=seed)
-    raise ConfigError(f"sequential coding must be one of {SGC_CODINGS}, got {coding!r}")
-
-
-# ------------------------------------------------------------------------------ wire format
-@dataclass
-class Assignment:
-    """A decoded assignment: ``tasks`` are ``(job, {partition: coefficient})``."""
-
-    P: int
-    keep_from: int
-    tag: int
-    tasks: List[Tuple[int, Dict[int, float]]]
-    versions: Dict[int, List[torch.Tensor]]
-
-
-def encode_assignment(P: int, tasks: Sequence[MiniTask], versions: Mapping[int, Sequence[torch.Tensor]],
-                      *, sender: int, step: int, keep_from: int = 0, tag: int = 0) -> Message:
-    """An assignment Message: descriptor + the listed parameter versions (flat tensors each)."""
-    desc: List[float] = [MAGIC, float(P), float(max(0, keep_from)), float(tag), float(len(versions)),
-                         float(len(tasks))]
-    desc += [float(v) for v in versions]
-    for t in tasks:
-        parts = t.partitions
-        desc += [float(t.job), float(len(parts))]
-        desc += [float(p) for p in parts]
-        desc += [float(t.coefficients[p]) for p in parts]
-    payloads = [Payload.dense(torch.tensor(desc, dtype=torch.float64), slot=0)]
-    for params in versions.values():
-        for p in params:
-            t = p.detach().reshape(-1)
-            payloads.append(Payload.dense((t if t.dtype in DTYPES else t.to(torch.float32)).cpu(),
-                                          slot=len(payloads)))
-    return Message(payloads, sender=sender, step=step)
-
-
-def _int(x: float, what: str, lo: int = 0, hi: int = _MAX_INT) -> int:
-    if not math.isfinite(x) or x != int(x) or not lo <= int(x) <= hi:
-        raise PayloadError(f"assignment: {what} must be an integer in [{lo}, {hi}], got {x}")
-    return int(x)
-
-
-def decode_assignment(msg: Message, numels: Sequence[int]) -> Assignment:
-    """The :class:`Assignment` in ``msg``, every field checked (PayloadError on anything malformed)."""
-    if not msg.payloads or msg.payloads[0].kind != Kind.DENSE or msg.payloads[0].values.dtype != torch.float64:
-        raise PayloadError("assignment: slot 0 must be a dense float64 descriptor")
-    d = msg.payloads[0].values.tolist()
-    if len(d) < 6 or d[0] != MAGIC:
-        raise PayloadError("assignment: bad descriptor header")
-    P = _int(d[1], "partition count", 1)
-    keep_from = _int(d[2], "keep_from")
-    tag = _int(d[3], "repair tag")
-    k = _int(d[4], "version count", 1, len(d))
-    m = _int(d[5], "task count", 0, len(d))
-    pos = 6
-    if len(d) < pos + k:
-        raise PayloadError("assignment: truncated version list")
-    vers = [_int(v, "version") for v in d[pos:pos + k]]
-    if len(set(vers)) != k:
-        raise PayloadError("assignment: a version is listed twice")
-    pos += k
-    tasks: List[Tuple[int, Dict[int, float]]] = []
-    for _ in range(m):
-        if len(d) < pos + 2:
-            raise PayloadError("assignment: truncated task")
-        job, q = _int(d[pos], "job"), _int(d[pos + 1], "partitions per task", 1, P)
-        pos += 2
-        if len(d) < pos + 2 * q:
-            raise PayloadError("assignment: truncated task")
-        parts = [_int(p, "partition", 0, P - 1) for p in d[pos:pos + q]]
-        coefs = d[pos + q:pos + 2 * q]
-        pos += 2 * q
-        if len(set(parts)) != q or not all(math.isfinite(c) for c in coefs):
-            raise PayloadError("assignment: repeated partition or non-finite coefficient")
-        tasks.append((job, dict(zip(parts, coefs))))
-    if pos != len(d):
-        raise PayloadError(f"assignment: {len(d) - pos} trailing descriptor values")
-    if len(msg.payloads) != 1 + k * len(numels):
-        raise PayloadError(f"assignment: {len(msg.payloads) - 1} parameter payloads for {k} versions")
-    versions: Dict[int, List[torch.Tensor]] = {}
-    for i, v in enumerate(vers):
-        block = msg.payloads[1 + i * len(numels):1 + (i + 1) * len(numels)]
-        for pl, numel in zip(block, numels):
-            if pl.kind != Kind.DENSE or pl.numel != numel:
-                raise PayloadError(f"assignment: version {v} has a malformed parameter payload")
-        versions[v] = [pl.values for pl in block]
-    return Assignment(P, keep_from, tag, tasks, versions)
-
-
-def decode_results(msg: Message, count: int, numel: int) -> List[torch.Tensor]:
-    """The ``count`` float64 task results of a PUSH (PayloadError unless exactly that)."""
-    if len(msg.payloads) != count:
-        raise PayloadError(f"push carries {len(msg.payloads)} results for {count} tasks")
-    out = []
-    for pl in msg.payloads:
-        if pl.kind != Kind.DENSE or pl.numel != numel or pl.values.dtype != torch.float64:
-            raise PayloadError("a task result must be dense float64 of the model's size")
-        out.append(pl.values)
-    return out
+    """The scheduler of ``PSConfig(coding=...)`` (``commlib.coding.SGC_SCHEMES``: SR-SGC, M-SGC)
+    for n workers under the (B, W, lam) bursty straggler model."""
+    if coding_family(coding) != "sequential":
+        raise ConfigError(f"sequential coding must be one of {SGC_SCHEMES.names()}, got {coding!r}")
+    return SGC_SCHEMES.get(coding)(n, B, W, lam, num_jobs=num_jobs, code=code, seed=seed)
 
 
 # ------------------------------------------------------------------------------ worker half
@@ -245,10 +145,15 @@ class SGCWorker:
 
 
 # ------------------------------------------------------------------------------ server half
-class SGCServer:
-    """The server half: the scheduler, recent parameter versions, and the round loop."""
+class SGCServer(RoundKind):
+    """The server half, a synchronous round kind: the scheduler, recent parameter versions, and
+    the round loop."""
+
+    answers_hello = False  # the next round's assignment reaches a worker that said HELLO
+    stateful = True
 
     def __init__(self, sched: SequentialScheduler, n: int, mu: float, B: int, W: int, lam: int) -> None:
+        super().__init__(n)
         self.sched = sched
         self.n, self.mu, self.B, self.W, self.lam = int(n), float(mu), int(B), int(W), int(lam)
         self.versions: Dict[int, List[torch.Tensor]] = {}  # round -> theta at its start
@@ -268,6 +173,9 @@ class SGCServer:
     def round(self) -> int:
         return self.sched.current_round
 
+    def newest_step(self, ps: ServerAPI) -> int:
+        return self.round
+
     # -- frames --------------------------------------------------------------------------
     def forget(self, w: int) -> None:
         """Worker ``w`` is a new process: it holds no parameter versions."""
@@ -278,11 +186,11 @@ class SGCServer:
         need = [r] + sorted({t.job for t in tasks if t.job != r and t.job not in held})
         self.versions_sent += len(need)
         msg = encode_assignment(self.sched.num_partitions, tasks, {v: self.versions[v] for v in need},
-                                sender=_server_sender(), step=r, keep_from=r - self.sched.T, tag=tag)
+                                sender=SERVER_SENDER, step=r, keep_from=r - self.sched.T, tag=tag)
         return msg.to_bytes()
 
-    def _send(self, ps: "ParameterServer", w: int, r: int, tasks: Sequence[MiniTask], tag: int = 0) -> bool:
-        rec = ps.records[w]
+    def _send(self, ps: ServerAPI, w: int, r: int, tasks: Sequence[MiniTask], tag: int = 0) -> bool:
+        rec = ps.members[w]
         if rec.session == 0 or ps.transport.is_dead(w + 1):
             return False
         frame = Frame(FrameKind.PARAMS, w, step=r, seq=rec.last_applied, aux=rec.durable, session=rec.session,
@@ -292,12 +200,12 @@ class SGCServer:
         ps.transport.send(w + 1, frame.to_bytes())
         return True
 
-    def _take(self, ps: "ParameterServer", frame: Frame, r: int) -> Optional[str]:
+    def _take(self, ps: ServerAPI, frame: Frame, r: int) -> Optional[str]:
         """Use a PUSH: "round" (answers round r), "late", "repair", or None (not usable, counted)."""
         w = frame.worker
-        if ps._check_push(frame):
+        if ps.check_push(frame):
             return None
-        rec = ps.records[w]
+        rec = ps.members[w]
         repair = bool(frame.flags & FrameFlag.REPAIR)
         if repair:
             tag, tasks = self.repairs.get(w, (0, []))
@@ -315,8 +223,7 @@ class SGCServer:
         try:
             results = decode_results(frame.message([numel] * len(tasks), sender=w), len(tasks), numel)
         except PayloadError:
-            rec.rejected += 1
-            ps._event("rejected", w)
+            ps.members.reject(w)
             return None
         if repair:
             for t, res in zip(tasks, results):
@@ -325,9 +232,7 @@ class SGCServer:
         else:
             self.sched.receive(frame.step, w, results)
             self.confirmed[w].add(frame.step)
-        rec.last_applied = frame.seq
-        rec.applied += 1
-        rec.loss = frame.loss
+        ps.members.applied(frame)
         if repair:
             return "repair"
         if frame.step != r:
@@ -336,7 +241,7 @@ class SGCServer:
         return "round"
 
     # -- one round -----------------------------------------------------------------------
-    def run_round(self, ps: "ParameterServer") -> None:
+    def run_round(self, ps: ServerAPI) -> None:
         cfg = ps.config
         r = self.round
         self.versions[r] = [p.detach().reshape(-1).clone() for p in ps.params]
@@ -349,7 +254,7 @@ class SGCServer:
         t0 = time.monotonic()
         for w in busy:
             self._send(ps, w, r, plan[w])
-        ps._note_dead()
+        ps.members.note_dead()
         got: Set[int] = set()
         first: Optional[float] = None
         deadline = t0 + cfg.step_timeout
@@ -371,18 +276,18 @@ class SGCServer:
                         break
                 else:
                     wait = mu_point - now
-            frame = ps._receive(min(0.5, max(wait, 0.001)))
+            frame = ps.receive(min(0.5, max(wait, 0.001)))
             if frame is not None and self._take(ps, frame, r) == "round":
                 got.add(frame.worker)
                 if first is None:
                     first = time.monotonic()
         for w in busy:
             if w not in got:
-                ps.records[w].timeouts += 1
+                ps.members[w].timeouts += 1
         self.sched.end_round(r)
         job = self.sched.due(r)
         if job is None:
-            ps._sgc_idle_round()
+            ps.note_progress()  # a round with no job due (the first T rounds)
             return
         if self.sched.decodable(job):
             self.on_time += 1
@@ -391,16 +296,16 @@ class SGCServer:
             return
         g = self.sched.decode(job)  # float64 sum_p g_p(theta_job)
         dirs = list(torch.split(g / self.sched.num_partitions, ps.numels))
-        ps._sgc_apply(dirs, sorted(got))
+        ps.apply(dirs, sorted(got), staleness=self.sched.T)  # job r - T, computed T rounds ago
 
-    def _fall_back(self, ps: "ParameterServer", job: int, r: int, answered: List[int]) -> bool:
+    def _fall_back(self, ps: ServerAPI, job: int, r: int, answered: List[int]) -> bool:
         """Make ``job`` decodable outside the straggler model: late pushes, then repair tasks."""
         cfg = ps.config
         self.fallbacks += 1
         # late results can only come from live workers: when every missing task belongs to a
         # dead one (or one with no process), send the repairs at once
         owners = {t.worker for t in self.sched.missing(job)}
-        if all(ps.transport.is_dead(w + 1) or ps.records[w].session == 0 for w in owners):
+        if all(ps.transport.is_dead(w + 1) or ps.members[w].session == 0 for w in owners):
             self.repairs_at_once += 1
             deadline = time.monotonic()
         else:
@@ -408,25 +313,25 @@ class SGCServer:
         self.repairs = {}
         try:
             while not self.sched.decodable(job):
-                if time.monotonic() - ps._last_apply > cfg.idle_timeout:
+                if ps.idle_for() > cfg.idle_timeout:
                     return False
                 if time.monotonic() >= deadline:
                     if not self._send_repairs(ps, job, r, answered):
                         return False
                     deadline = time.monotonic() + cfg.step_timeout
                     answered = [w for w in answered if w not in self.repairs] + list(self.repairs)
-                frame = ps._receive(min(0.5, max(0.005, deadline - time.monotonic())))
+                frame = ps.receive(min(0.5, max(0.005, deadline - time.monotonic())))
                 if frame is not None:
                     self._take(ps, frame, r)
         finally:
             self.repairs = {}
         return True
 
-    def _send_repairs(self, ps: "ParameterServer", job: int, r: int, answered: List[int]) -> bool:
+    def _send_repairs(self, ps: ServerAPI, job: int, r: int, answered: List[int]) -> bool:
         """Spread ``job``'s missing tasks over live workers (those that answered round r first),
         each batch under a new tag; False when no worker is left to ask."""
-        helpers = [w for w in answered if not ps.transport.is_dead(w + 1) and ps.records[w].session] or \
-                  [w for w in range(self.n) if not ps.transport.is_dead(w + 1) and ps.records[w].session]
+        helpers = [w for w in answered if not ps.transport.is_dead(w + 1) and ps.members[w].session] or \
+                  [w for w in range(self.n) if not ps.transport.is_dead(w + 1) and ps.members[w].session]
         if not helpers:
             return False
         batches: Dict[int, List[MiniTask]] = {}
@@ -478,8 +383,3 @@ def _tensors(obj: Any) -> Any:
         return type(obj)(_tensors(v) for v in obj)
     return obj
 
-
-def _server_sender() -> int:
-    from commlib.ps.worker import SERVER_SENDER
-
-    return SERVER_SENDER

@@ -1,27 +1,16 @@
 """The parameter server: owns the model, the optimizer and the scheme's server half.
 
-Rank 0 of a transport is the server, ranks 1..n are workers 0..n-1.
+Rank 0 of a transport is the server, ranks 1..n are workers 0..n-1. The public API that the
+round kinds and the async loop use: :meth:`ParameterServer.receive` (the next valid frame,
+control frames handled), :meth:`~ParameterServer.check_push` (exactly-once and freshness
+checks), :meth:`~ParameterServer.decode` (the validated payloads), :meth:`~ParameterServer.apply`
+(an optimizer step, bookkeeping, checkpoint, history) and :meth:`~ParameterServer.send_params`.
 
-Synchronous mode, one round per optimizer step ``t``:
-  1. send PARAMS(t) to every worker (dropped workers every ``probe_every`` rounds);
-  2. collect PUSH frames for step t until ``quorum`` of the live workers pushed or
-     ``step_timeout`` passed; every frame is validated before use (a bad one is counted and
-     treated as missing), pushes for an older step are late (dropped, counted);
-  3. ``SchemeServer.decode_group`` (missing workers -> None: the same server half as the DDP
-     runtime: decode, aggregate, feedback state), gradients into ``p.grad``, optimizer step;
-  4. checkpoint (every ``checkpoint_every`` steps), history, evaluation.
-A worker that misses ``max_misses`` rounds in a row is dropped from the quorum (counted);
-any valid frame from it later brings it back (a rejoin, counted).
+Synchronous mode runs one round per step with a round kind (``commlib/ps/rounds.py``: plain,
+``coded.py``: gradient coding, ``sequential.py``: SR-SGC / M-SGC); asynchronous mode applies
+each push on arrival (``commlib/ps/async_loop.py``). Membership and exactly-once bookkeeping
+live in ``commlib/ps/membership.py``.
 
-Asynchronous mode: every push is applied on arrival, alone (``decode_group`` with one
-contribution), with staleness = (server version) - (version the worker computed on); pushes
-staler than ``max_staleness`` are dropped (counted). Each push is answered with fresh
-parameters. The default optimizer is Adaptive Braking SGD (``commlib.optim``).
-
-Exactly once: the server records, per worker process (``session``), the sequence number of the
-last push it applied; a push with a number not above it is a duplicate and ignored. PARAMS
-frames carry that number (``ack``) and the one in the last checkpoint (``durable``), and
-workers roll back their scheme state to the push the server actually kept (``worker.py``).
 A restarted server (``resume=True``) loads the checkpoint, counts a new ``incarnation``
 (pushes computed for an older one are dropped) and tells every worker what it kept, so no
 update is lost or applied twice. A worker that comes back without its state (a new process)
@@ -30,11 +19,9 @@ and workers clear the feedback state and restart it with EF21's uncompressed fir
 """
 from __future__ import annotations
 
-import math
 import os
 import time
-from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -43,45 +30,15 @@ from commlib.comm.base import Transport
 from commlib.ddp.register import check_optimizer
 from commlib.errors import ConfigError, PayloadError
 from commlib.ps import checkpoint as ckpt
+from commlib.ps.async_loop import run_async
 from commlib.ps.config import PSConfig, build_optimizer
-from commlib.ps.protocol import Frame, FrameFlag, FrameKind
+from commlib.ps.membership import BOOKKEEPING, Membership, WorkerRecord  # noqa: F401  (re-exported)
+from commlib.ps.protocol import SERVER_RANK, SERVER_SENDER, Frame, FrameFlag, FrameKind
+from commlib.ps.round_kinds import build_round
+from commlib.ps.shards import ShardSpec
 from commlib.ps.task import Task, model_keys
-from commlib.ps.worker import SERVER_RANK, SERVER_SENDER
 from commlib.scheme import Scheme
 from commlib.wire import DTYPES, Message, Payload, check_values
-
-
-@dataclass
-class WorkerRecord:
-    """What the server knows about one worker, and what happened to it."""
-
-    session: int = 0  # id of the worker's current process (0: never heard of)
-    present: bool = True  # heard from in this incarnation (False: restored from a checkpoint only)
-    last_applied: int = -1  # seq of the last push applied (this session)
-    durable: int = -1  # last_applied as of the last checkpoint
-    live: bool = True
-    misses: int = 0  # consecutive rounds missed (sync)
-    last_seen: float = 0.0
-    applied: int = 0
-    late: int = 0
-    rejected: int = 0
-    duplicates: int = 0
-    stale: int = 0  # async: over max_staleness
-    outdated: int = 0  # computed for another session, incarnation or state epoch
-    timeouts: int = 0
-    drops: int = 0
-    rejoins: int = 0
-    staleness_sum: int = 0
-    staleness_max: int = 0
-    loss: float = float("nan")
-
-    def summary(self) -> Dict[str, Any]:
-        d = asdict(self)
-        d["mean_staleness"] = self.staleness_sum / self.applied if self.applied else 0.0
-        return d
-
-
-_BOOKKEEPING = ("session", "last_applied", "durable")
 
 
 def _wire_dtype(t: torch.Tensor) -> torch.Tensor:
@@ -99,11 +56,13 @@ class ParameterServer:
         config: :class:`PSConfig` (mode, steps, quorum, timeouts, staleness, checkpoint, ...).
         optimizer: an optimizer over the model's parameters (default: from ``config.optimizer``).
         on_step: called with each history record (progress bars, logging).
+        shard: serve one shard of the keys (:class:`commlib.ps.shards.ShardSpec`).
     """
 
     def __init__(self, transport: Transport, scheme: Scheme, task: Union[Task, nn.Module],
                  config: Optional[PSConfig] = None, *, optimizer: Optional[torch.optim.Optimizer] = None,
-                 on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+                 on_step: Optional[Callable[[Dict[str, Any]], None]] = None,
+                 shard: Optional[ShardSpec] = None) -> None:
         if transport.rank != SERVER_RANK:
             raise ConfigError(f"the server is rank {SERVER_RANK}, this transport is rank {transport.rank}")
         self.transport = transport
@@ -115,30 +74,17 @@ class ParameterServer:
         self.task = task if isinstance(task, Task) else None
         self.model = task.build_model() if isinstance(task, Task) else task
         self.keys, self.params = model_keys(self.model)
+        self.shard = shard  # a sharded server (commlib/ps/shards.py): this shard's keys only
+        if shard is not None:
+            self.keys, self.params = shard.select(self.keys, self.params, cfg, scheme, self.task)
         self.numels = [p.numel() for p in self.params]
         self.dense = [scheme.sends_dense(tuple(p.shape)) for p in self.params]
         self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode, self.n)
         check_optimizer(scheme, self.optimizer)
         if cfg.quorum is not None and int(cfg.quorum) > self.n:
             raise ConfigError(f"quorum {cfg.quorum} exceeds the {self.n} workers")
-        self.coded = None  # gradient coding (commlib/ps/coded.py): decode from the fastest n - s
-        self.sgc = None  # sequential gradient coding (commlib/ps/sequential.py): SR-SGC, M-SGC
-        if cfg.coding is not None:
-            from commlib.ps.coded import CodedServer, build_code, check_coded_scheme
-            from commlib.ps.sequential import SGC_CODINGS, SGCServer, build_scheduler
-
-            check_coded_scheme(scheme, self.task)
-            if cfg.coding in SGC_CODINGS:
-                if getattr(self.task, "requires_full_quorum", False):
-                    raise ConfigError("sequential gradient coding cannot run a task that keeps per-round state on "
-                                      "both sides (DIFF2)")
-                sched = build_scheduler(cfg.coding, self.n, cfg.straggler_burst, cfg.straggler_window,
-                                        cfg.straggler_tolerance, cfg.steps, seed=cfg.coding_seed)
-                self.sgc = SGCServer(sched, self.n, cfg.sgc_mu, cfg.straggler_burst, cfg.straggler_window,
-                                     cfg.straggler_tolerance)
-            else:
-                self.coded = CodedServer(build_code(cfg.coding, self.n, cfg.straggler_tolerance, cfg.coding_seed))
-        self.quorum = int(cfg.quorum or (self.coded.quorum if self.coded else self.n))
+        self.rounds = build_round(cfg, self.n, scheme, self.task)  # the synchronous round kind
+        self.quorum = int(cfg.quorum or self.rounds.quorum)
         if cfg.mode == "async" and not scheme.aggregator.is_mean:
             raise ConfigError("async mode applies one push at a time: it needs the mean aggregator "
                               f"(got {type(scheme.aggregator).__name__}); use sync mode for robust rules")
@@ -148,7 +94,8 @@ class ParameterServer:
             raise ConfigError("this task's privacy stage keeps state on both sides per round (DIFF2): it needs "
                               f"sync mode with every worker in every round (quorum {self.quorum} of {self.n})")
         self.half = scheme.server(self.n)
-        self.records = [WorkerRecord() for _ in range(self.n)]
+        self.members = Membership(self.n, transport, lambda: (self.elapsed(), self.version))
+        self.records = self.members.records
         self.version = 0
         self.incarnation = 0
         self.epoch = 0
@@ -157,13 +104,12 @@ class ParameterServer:
         self.unknown_frames = 0
         self.history: List[Dict[str, Any]] = []
         self.evals: List[Dict[str, Any]] = []
-        self.events: List[Dict[str, Any]] = []
         self.on_step = on_step
         self.stopped = ""
-        self._pending_resync = False
+        self.pending_resync = False  # a rejoin awaits a new state epoch (sync: at the next round)
         self._starting = False
-        self._t0 = time.monotonic()
-        self._last_apply = self._t0
+        self.started = time.monotonic()  # start of training
+        self._last_apply = self.started
         if cfg.resume and cfg.checkpoint and os.path.exists(cfg.checkpoint):
             self.load_checkpoint(cfg.checkpoint)
 
@@ -171,21 +117,18 @@ class ParameterServer:
     def run(self) -> Dict[str, Any]:
         """Train until ``config.steps`` updates were applied (or every worker is gone)."""
         self._wait_for_workers()
-        self._t0 = self._last_apply = time.monotonic()
+        self.started = self._last_apply = time.monotonic()
         if self.config.mode == "sync":
             while self.version < self.config.steps and not self.stopped:
-                if self.sgc is not None:
-                    if self._pending_resync:
-                        self._resync()
-                    self.sgc.run_round(self)
-                else:
-                    self._sync_round()
+                if self.pending_resync:
+                    self._resync()
+                self.rounds.run_round(self)
         else:
-            self._async_loop()
+            run_async(self)
         # an exception above leaves without SHUTDOWN, like a crashed server: workers wait for a restart
-        self._shutdown()
+        self.members.shutdown(self.config.shutdown_timeout)
         if self.task is not None and not (self.evals and self.evals[-1]["step"] == self.version):
-            self._evaluate()
+            self.evaluate()
         if not self.stopped:
             self.stopped = "done"
         return self.result()
@@ -197,21 +140,37 @@ class ParameterServer:
         deadline = time.monotonic() + cfg.startup_timeout
         self._starting = True  # HELLOs are registered, not answered: the first round sends PARAMS
         # records restored from a checkpoint are not present until their worker speaks again
-        while sum(1 for r in self.records if r.session and r.present) < want and time.monotonic() < deadline:
-            frame = self._receive(min(1.0, max(0.0, deadline - time.monotonic())))
+        while self.members.present_count() < want and time.monotonic() < deadline:
+            frame = self.receive(min(1.0, max(0.0, deadline - time.monotonic())))
             if frame is not None:  # a push computed for an older incarnation: counted as outdated
-                self._check_push(frame)
+                self.check_push(frame)
         self._starting = False
 
     def elapsed(self) -> float:
-        return time.monotonic() - self._t0
+        """Seconds since training started."""
+        return time.monotonic() - self.started
+
+    def idle_for(self) -> float:
+        """Seconds since the last update (or the start, or the last round with nothing due)."""
+        return time.monotonic() - self._last_apply
+
+    def note_progress(self) -> None:
+        """A round ran with nothing due (sequential coding's first ``T`` rounds): not idle."""
+        self._last_apply = time.monotonic()
+
+    def empty_round(self) -> None:
+        """A round applied nothing (too few pushes): counted; stop when idle too long."""
+        self.empty_rounds += 1
+        if self.idle_for() > self.config.idle_timeout:
+            self.stopped = "no live workers"
 
     # --------------------------------------------------------------------- frames in and out
     def _params_body(self) -> bytes:
         payloads = [Payload.dense(_wire_dtype(p.detach().reshape(-1)), slot=j) for j, p in enumerate(self.params)]
         return Message(payloads, sender=SERVER_SENDER, step=self.version).to_bytes()
 
-    def _send_params(self, workers: List[int], body: Optional[bytes] = None, answer: bool = False) -> None:
+    def send_params(self, workers: Sequence[int], body: Optional[bytes] = None, answer: bool = False) -> None:
+        """PARAMS at the current version to ``workers`` that have a process heard from."""
         body = body if body is not None else self._params_body()
         for w in workers:
             rec = self.records[w]
@@ -222,7 +181,7 @@ class ParameterServer:
                           flags=FrameFlag.ANSWER if answer else FrameFlag.NONE, body=body)
             self.transport.send(w + 1, frame.to_bytes())
 
-    def _receive(self, timeout: float) -> Optional[Frame]:
+    def receive(self, timeout: float) -> Optional[Frame]:
         """The next valid frame from a worker (control frames handled here), or None at timeout."""
         deadline = time.monotonic() + max(0.0, timeout)
         while True:
@@ -245,93 +204,54 @@ class ParameterServer:
                 # counted; no reply: the sender's process cannot be trusted from a bad frame, so
                 # the worker learns its push was lost from the next round (sync) or, in async
                 # mode, from the answer to the HELLO it sends after ``worker_timeout``
-                rec.rejected += 1
-                self._event("rejected", w)
+                self.members.reject(w)
                 continue
-            revived = self._heard(w)
+            revived = self.members.heard(w)
             if frame.kind == FrameKind.HELLO:
                 self._on_hello(frame, revived)
                 continue
             if frame.kind == FrameKind.BYE:
-                rec.live = False
+                self.members.bye(w)
                 continue
             return frame
 
-    def _event(self, kind: str, worker: int) -> None:
-        """Record a fault-handling event (drops, rejoins, rejections, resyncs) for reports."""
-        self.events.append({"time": round(self.elapsed(), 4), "step": self.version, "worker": worker, "kind": kind})
-
-    def _heard(self, w: int) -> bool:
-        """Note a valid frame from ``w``; True when this brings a dropped worker back (a rejoin)."""
-        rec = self.records[w]
-        rec.last_seen = time.monotonic()
-        rec.misses = 0
-        rec.present = True
-        if not rec.live:
-            rec.live = True
-            rec.rejoins += 1
-            self._event("rejoin", w)
-            return True
-        return False
-
     def _on_hello(self, frame: Frame, revived: bool = False) -> None:
-        w, rec = frame.worker, self.records[frame.worker]
-        if frame.session != rec.session:  # a new process for this worker (or the first one)
-            self.transport.mark_alive(w + 1)  # we just heard from it (a restarted peer)
-            had_history = rec.session != 0 and rec.last_applied >= 0
-            if rec.session != 0 and not revived:
-                rec.rejoins += 1  # a new process replaced one that was not dropped yet
-                self._event("rejoin", w)
-            claims_state = not (frame.flags & FrameFlag.FRESH) and frame.seq >= 0
-            replaced = rec.session != 0
-            if self.sgc is not None:
-                self.sgc.forget(w)  # a new process holds no parameter versions
-            rec.session = frame.session
-            rec.last_applied = rec.durable = -1 if frame.flags & FrameFlag.FRESH else frame.seq
+        w = frame.worker
+        new = self.members.new_process(frame, revived)
+        if new is not None:  # a new process for this worker (or the first one)
+            self.rounds.forget(w)  # e.g. it holds no parameter versions (sequential coding)
             # a task whose worker state must restart everywhere (privacy: noise streams, DIFF2 rounds)
-            task_restart = replaced and getattr(self.task, "restarts_state_on_rejoin", False)
-            if task_restart or (self.scheme.feedback.increments and (had_history or claims_state)):
+            task_restart = new.replaced and getattr(self.task, "restarts_state_on_rejoin", False)
+            if task_restart or (self.scheme.feedback.increments and (new.had_history or new.claims_state)):
                 # the server's sum of increments holds this worker's old state: restart it everywhere
                 if self.config.mode == "sync":
-                    self._pending_resync = True
+                    self.pending_resync = True
                     return  # it gets the parameters with the new epoch at the next round
                 self._resync()
-        if self._pending_resync:
+        if self.pending_resync:
             return  # sync: nothing goes out before the new epoch starts (next round)
-        if not self._starting and self.sgc is None:  # SGC: the next round's assignment reaches it
-            self._send_params([w], answer=self.config.mode == "async")
+        if not self._starting and self.rounds.answers_hello:
+            self.send_params([w], answer=self.config.mode == "async")
 
     def _resync(self) -> None:
         self.epoch += 1
         self.resyncs += 1
-        self._event("resync", -1)
+        self.members.event("resync", -1)
         self.half.state.clear()
         if hasattr(self.task, "restart_server"):
             self.task.restart_server()
-        self._pending_resync = False
+        self.pending_resync = False
         if self.config.checkpoint:
             # durable before any frame of the new epoch leaves: a restarted server must not go
             # back to the old epoch while workers already cleared their state for the new one
             self.save_checkpoint(self.config.checkpoint)
 
-    def _check_push(self, frame: Frame) -> str:
-        """Common checks of a PUSH frame: "" when it may be used, else why not (counted)."""
-        rec = self.records[frame.worker]
-        if frame.session != rec.session:  # from an earlier process of this worker
-            rec.outdated += 1
-            return "session"
-        if frame.incarnation != self.incarnation or frame.epoch != self.epoch:
-            rec.outdated += 1
-            return "outdated"
-        if frame.seq <= rec.last_applied:
-            rec.duplicates += 1
-            return "duplicate"
-        if frame.step > (self.sgc.round if self.sgc is not None else self.version):
-            rec.rejected += 1  # computed on parameters that were never sent
-            return "future"
-        return ""
+    def check_push(self, frame: Frame) -> str:
+        """Common checks of a PUSH frame: "" when it may be used, else why not (counted):
+        "session", "outdated" (another incarnation or state epoch), "duplicate", "future"."""
+        return self.members.check_push(frame, self.incarnation, self.epoch, self.rounds.newest_step(self))
 
-    def _decode(self, frame: Frame) -> Optional[List[Payload]]:
+    def decode(self, frame: Frame) -> Optional[List[Payload]]:
         """The push's payloads (validated by the frame: layout, CRC, the value rule for float32),
         checked against the scheme's ``max_abs``; None when rejected (counted)."""
         try:
@@ -341,120 +261,29 @@ class ParameterServer:
                     check_values(p.values, p.scale, max_abs=self.scheme.max_abs, slot=p.slot)
             return payloads
         except PayloadError:
-            self.records[frame.worker].rejected += 1
-            self._event("rejected", frame.worker)
+            self.members.reject(frame.worker)
             return None
 
-    # ----------------------------------------------------------------------------- sync mode
-    def _sync_round(self) -> None:
-        cfg = self.config
-        if self._pending_resync:
-            self._resync()
-        t = self.version
-        probe = t % cfg.probe_every == 0
-        targets = [w for w in range(self.n) if self.records[w].live or probe]
-        self._send_params(targets)
-        self._note_dead()
-        expected = [w for w in targets if self.records[w].live]
-        got: Dict[int, tuple] = {}
-        deadline = time.monotonic() + cfg.step_timeout
-        fell_back = False
-        while len(got) < self._need(expected) or (self.coded and not self.coded.decodable(list(got))):
-            frame = self._receive(min(deadline - time.monotonic(), 0.5))
-            if frame is None and time.monotonic() < deadline:
-                continue  # look again at who is still alive
-            if frame is None and self.coded and self._coded_fallback(expected, got, fell_back):
-                fell_back = True  # outside the straggler model: wait one more step_timeout
-                deadline = time.monotonic() + cfg.step_timeout
-                continue
-            if frame is None:
-                break
-            w = frame.worker
-            if self._check_push(frame):
-                continue
-            if frame.step != t:
-                self.records[w].late += 1
-                continue
-            if w in got:
-                self.records[w].duplicates += 1
-                continue
-            payloads = self._decode(frame)
-            if payloads is not None:
-                got[w] = (payloads, frame)
-        self._note_dead()
-        for w in expected:
-            if w not in got:
-                rec = self.records[w]
-                rec.timeouts += 1
-                rec.misses += 1
-                if rec.misses >= cfg.max_misses and rec.live:
-                    rec.live = False
-                    rec.drops += 1
-                    self._event("drop", w)
-        if len(got) < cfg.min_pushes or not self._apply_round(got):
-            self.empty_rounds += 1
-            if time.monotonic() - self._last_apply > cfg.idle_timeout:
-                self.stopped = "no live workers"
-            return
-        self._after_update([w for w in got], staleness=0)
+    # ---------------------------------------------------------------------------- updates
+    def decode_group(self, received: List[List[Optional[Payload]]]) -> List[torch.Tensor]:
+        """The scheme's server half on ``received[w][j]`` (None: missing): one direction per key."""
+        if self.shard is not None:
+            return self.shard.decode_group(self.half, self.keys, self.numels, received, self.dense)
+        return self.half.decode_group(self.keys, self.numels, received, dense=self.dense)
 
-    def _coded_fallback(self, expected: List[int], got: Dict[int, tuple], fell_back: bool) -> bool:
-        """Coded rounds: at the timeout without a decodable set, keep waiting (counted once per
-        round) while a live worker may still push; False: give the round up."""
-        if time.monotonic() - self._last_apply > self.config.idle_timeout:
-            return False
-        if not any(w not in got and not self.transport.is_dead(w + 1) for w in expected):
-            return False
-        if not fell_back:
-            self.coded.fallbacks += 1
-        return True
+    def agree(self, got: Dict[int, Any]) -> Dict[int, Any]:
+        """The pushes of a round that are applied: all of them, or on a shard those every shard has."""
+        return got if self.shard is None else self.shard.agree_pushes(got, self.members)
 
-    def _note_dead(self) -> None:
-        """Drop the live workers whose link the transport reports broken (a dead process)."""
-        for w, rec in enumerate(self.records):
-            if rec.live and rec.session and self.transport.is_dead(w + 1):
-                rec.live = False
-                rec.drops += 1
-                self._event("drop", w)
-
-    def _need(self, expected: List[int]) -> int:
-        """Pushes to wait for: the quorum, or every expected worker still reachable if fewer."""
-        alive = sum(1 for w in expected if not self.transport.is_dead(w + 1))
-        return max(1, min(self.quorum, alive))
-
-    def _apply_round(self, got: Dict[int, tuple]) -> bool:
-        if self.coded is not None:
-            from commlib.coding.gc import NotDecodable
-
-            try:
-                dirs = self.coded.decode({w: pl for w, (pl, _) in got.items()}, self.numels)
-            except NotDecodable:
-                return False
-            return self._applied(got, dirs)
-        received = [got[w][0] if w in got else [None] * len(self.keys) for w in range(self.n)]
-        try:
-            dirs = self.half.decode_group(self.keys, self.numels, received, dense=self.dense)
-        except ConfigError:  # too few contributions for the robust rule this round
-            return False
-        return self._applied(got, dirs)
-
-    def _applied(self, got: Dict[int, tuple], dirs: List[torch.Tensor]) -> bool:
+    def apply(self, dirs: List[torch.Tensor], workers: Sequence[int], staleness: int = 0,
+              frames: Sequence[Frame] = ()) -> None:
+        """One optimizer step with ``dirs`` (one flat direction per parameter) from ``workers``;
+        the pushes in ``frames`` are recorded as applied (exactly once), then checkpoint,
+        history and evaluation."""
         self._step(dirs)
-        for w, (_, frame) in got.items():
-            rec = self.records[w]
-            rec.last_applied = frame.seq
-            rec.applied += 1
-            rec.loss = frame.loss
-        return True
-
-    def _sgc_apply(self, dirs: List[torch.Tensor], workers: List[int]) -> None:
-        """Sequential coding: apply a decoded job (computed ``T`` rounds ago)."""
-        self._step(dirs)
-        self._after_update(workers, staleness=self.sgc.sched.T)
-
-    def _sgc_idle_round(self) -> None:
-        """Sequential coding: a round with no job due (the first T rounds)."""
-        self._last_apply = time.monotonic()
+        for frame in frames:
+            self.members.applied(frame, staleness)
+        self._after_update(list(workers), staleness)
 
     def _step(self, dirs: List[torch.Tensor]) -> None:
         if self.task is not None and hasattr(self.task, "server_directions"):
@@ -472,90 +301,19 @@ class ParameterServer:
         if cfg.checkpoint and self.version % cfg.checkpoint_every == 0:
             self.save_checkpoint(cfg.checkpoint)
         elif not cfg.checkpoint:
-            for rec in self.records:
-                rec.durable = rec.last_applied
-        losses = [self.records[w].loss for w in workers if not math.isnan(self.records[w].loss)]
+            self.members.make_durable()
         rec = {"step": self.version, "time": self.elapsed(), "workers": len(workers),
-               "loss": sum(losses) / len(losses) if losses else float("nan"), "staleness": staleness}
+               "loss": self.members.mean_loss(workers), "staleness": staleness}
         self.history.append(rec)
         if self.task is not None and cfg.eval_every and self.version % cfg.eval_every == 0:
-            rec.update({f"test_{k}": v for k, v in self._evaluate().items()})
+            rec.update({f"test_{k}": v for k, v in self.evaluate().items()})
         if self.on_step is not None:
             self.on_step(rec)
 
-    # ---------------------------------------------------------------------------- async mode
-    def _async_loop(self) -> None:
-        cfg = self.config
-        self._send_params(list(range(self.n)))
-        while self.version < cfg.steps:
-            frame = self._receive(min(cfg.step_timeout, 1.0))
-            self._note_dead()
-            now = time.monotonic()
-            for w, rec in enumerate(self.records):
-                if rec.live and rec.session and now - max(rec.last_seen, self._t0) > cfg.step_timeout:
-                    rec.live = False
-                    rec.timeouts += 1
-                    rec.drops += 1
-                    self._event("drop", w)
-            if frame is None:
-                if now - self._last_apply > cfg.idle_timeout:
-                    self.stopped = "no live workers"
-                    return
-                continue
-            w, rec = frame.worker, self.records[frame.worker]
-            why = self._check_push(frame)
-            if why:
-                if why in ("outdated", "future"):  # same process: tell it where things stand
-                    self._send_params([w], answer=True)
-                continue
-            staleness = self.version - frame.step
-            payloads = None
-            if cfg.max_staleness is not None and staleness > cfg.max_staleness:
-                rec.stale += 1
-            else:
-                payloads = self._decode(frame)
-            if payloads is not None:
-                received: List[List[Optional[Payload]]] = [[None] * len(self.keys) for _ in range(self.n)]
-                received[w] = payloads
-                self._step(self.half.decode_group(self.keys, self.numels, received, dense=self.dense))
-                rec.last_applied = frame.seq
-                rec.applied += 1
-                rec.loss = frame.loss
-                rec.staleness_sum += staleness
-                rec.staleness_max = max(rec.staleness_max, staleness)
-                self._after_update([w], staleness)
-            self._send_params([w], answer=True)
-
-    # ------------------------------------------------------------------------------ shutdown
-    def _shutdown(self) -> None:
-        """Tell every worker to stop; wait (bounded) for the live ones to say BYE. A worker that
-        says HELLO meanwhile (a late restart) is told to stop too."""
-        for w, rec in enumerate(self.records):
-            if rec.session and not self.transport.is_dead(w + 1):
-                self.transport.send(w + 1, Frame(FrameKind.SHUTDOWN, w, session=rec.session).to_bytes())
-        waiting = {w for w, rec in enumerate(self.records)
-                   if rec.live and rec.session and not self.transport.is_dead(w + 1)}
-        deadline = time.monotonic() + self.config.shutdown_timeout
-        while waiting and time.monotonic() < deadline:
-            got = self.transport.recv(timeout=max(0.0, deadline - time.monotonic()))
-            if got is None:
-                break
-            src, data = got
-            try:
-                frame = Frame.from_bytes(data, max_body=self.transport.max_message_bytes)
-            except PayloadError:
-                continue
-            if frame.worker != src - 1:
-                continue
-            if frame.kind == FrameKind.BYE:
-                waiting.discard(frame.worker)
-            elif frame.kind == FrameKind.HELLO:
-                self.transport.send(src, Frame(FrameKind.SHUTDOWN, frame.worker, session=frame.session).to_bytes())
-                waiting.add(frame.worker)
-
     # ------------------------------------------------------------------------------ evaluate
-    def _evaluate(self) -> Dict[str, float]:
-        if self.task is None:
+    def evaluate(self) -> Dict[str, float]:
+        """The task's metrics at the current parameters (recorded in ``evals``)."""
+        if self.task is None or self.shard is not None:  # a shard holds only its keys
             return {}
         metrics = self.task.evaluate(self.model)
         if metrics:
@@ -576,15 +334,14 @@ class ParameterServer:
             "optimizer": self.optimizer.state_dict(),
             "scheme_server": self.half.state_dict(),
             "aggregator": self.scheme.aggregator.state_dict(),
-            "workers": [{k: getattr(r, k) for k in _BOOKKEEPING} for r in self.records],
+            "workers": self.members.state_dict(),
             "task": self.task.server_state() if hasattr(self.task, "server_state") else None,
-            "sgc": self.sgc.state_dict() if self.sgc is not None else None,
-            "pending_resync": self._pending_resync,
+            "sgc": self.rounds.state_dict(),
+            "pending_resync": self.pending_resync,
         }
 
     def save_checkpoint(self, path: str) -> None:
-        for rec in self.records:  # what this checkpoint holds is now durable
-            rec.durable = rec.last_applied
+        self.members.make_durable()  # what this checkpoint holds is now durable
         ckpt.save_atomic(self.state_dict(), path)
 
     def load_checkpoint(self, path: str) -> None:
@@ -600,18 +357,15 @@ class ParameterServer:
         self.scheme.aggregator.load_state_dict(ck["aggregator"])
         if hasattr(self.task, "load_server_state"):
             self.task.load_server_state(ck.get("task"))
-        if (self.sgc is None) != (ck.get("sgc") is None):
+        if self.rounds.stateful != (ck.get("sgc") is not None):
             raise ConfigError("checkpoint and this server disagree on sequential gradient coding")
-        if self.sgc is not None:
-            self.sgc.load_state_dict(ck["sgc"])
+        if self.rounds.stateful:
+            self.rounds.load_state_dict(ck["sgc"])
         self.version = int(ck["version"])
         self.incarnation = int(ck["incarnation"]) + 1
         self.epoch = int(ck["epoch"])
-        self._pending_resync = bool(ck.get("pending_resync", False))  # a rejoin awaited a new epoch
-        for rec, saved in zip(self.records, ck["workers"]):
-            rec.session = int(saved["session"])
-            rec.last_applied = rec.durable = int(saved["last_applied"])
-            rec.present = False  # its worker must say HELLO to this incarnation before it counts
+        self.pending_resync = bool(ck.get("pending_resync", False))  # a rejoin awaited a new epoch
+        self.members.load_state_dict(ck["workers"])  # each worker must say HELLO before it counts
         # persist the new incarnation at once: a second crash before the next checkpoint must
         # not bring back an incarnation whose pushes workers still hold
         ckpt.save_atomic(self.state_dict(), path)
@@ -619,11 +373,7 @@ class ParameterServer:
     # -------------------------------------------------------------------------------- result
     def result(self) -> Dict[str, Any]:
         """Summary of the run: counters per worker, history, evaluations, transport stats."""
-        recs = [r.summary() for r in self.records]
-        for r in recs:  # seconds since the start of training (None: never heard of)
-            r["last_seen"] = round(r["last_seen"] - self._t0, 3) if r["last_seen"] else None
-        totals = {k: sum(r[k] for r in recs) for k in ("applied", "late", "rejected", "duplicates", "stale",
-                                                          "outdated", "timeouts", "drops", "rejoins")}
+        recs, totals = self.members.summaries(self.started)
         return {
             "status": self.stopped or "running",
             "mode": self.config.mode,
@@ -638,9 +388,9 @@ class ParameterServer:
             "workers": recs,
             "history": self.history,
             "evals": self.evals,
-            "events": self.events,
+            "events": self.members.events,
             "scheme": self.scheme.describe(),
             "transport": self.transport.stats.as_dict(),
-            "coding": (self.coded.summary() if self.coded is not None
-                       else self.sgc.summary() if self.sgc is not None else None),
+            "coding": self.rounds.summary(),
+            "shard": self.shard.summary() if self.shard is not None else None,
         }

@@ -15,89 +15,36 @@ object the DDP runtime uses. Exactly-once bookkeeping (see ``commlib/ps/server.p
 """
 from __future__ import annotations
 
-import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 import torch
+import torch.nn as nn
 
 from commlib.aggregate import MoNNA
 from commlib.comm.base import Transport
 from commlib.errors import ConfigError, PayloadError
-from commlib.ps.config import PSConfig
-from commlib.ps.protocol import Frame, FrameFlag, FrameKind
+from commlib.ps.config import PSConfig, coding_family
+from commlib.ps.protocol import SERVER_RANK, SERVER_SENDER, Frame, FrameFlag, FrameKind
 from commlib.ps.task import Task, model_keys
+from commlib.ps.worker_hooks import (  # noqa: F401  (re-exported: the names callers import from here)
+    RoundSkipped,
+    WorkerCrashed,
+    WorkerHooks,
+    WorkerStats,
+    new_session,
+)
 from commlib.scheme import Scheme
 from commlib.wire import DEFAULT_MAX_NUMEL, Kind, Message, Payload
-
-SERVER_RANK = 0
-#: Message.sender of the server's PARAMS messages (workers are 0..n-1)
-SERVER_SENDER = 0xFFFF_FFFF
-
-
-class WorkerCrashed(Exception):
-    """Raised by a fault hook to make a worker stop as if its process had died."""
-
-
-class RoundSkipped(Exception):
-    """Raised by a fault hook to give up the current round (its result never arrives)."""
-
-
-class WorkerHooks:
-    """Fault-injection points (``commlib.sim`` implements them); the defaults do nothing."""
-
-    def before_compute(self, worker: "PSWorker", step: int) -> None:
-        """Called before each gradient (may sleep: a straggler; raise WorkerCrashed: a crash)."""
-
-    def silent(self, worker: "PSWorker", step: int) -> bool:
-        """True: compute nothing and send nothing this step (a crashed-attack worker)."""
-        return False
-
-    def flip_labels(self, worker: "PSWorker", step: int) -> bool:
-        """True: compute the gradient on flipped labels (label-flipping attack)."""
-        return False
-
-    def work(self, worker: "PSWorker", step: int, load: float) -> None:
-        """Called after each computation with its load: the fraction of one full-data gradient
-        (a step's data over all workers) it processed (may sleep: simulated compute time)."""
-
-    def byzantine(self, worker: "PSWorker", step: int, grads: List[torch.Tensor]) -> Optional[List[torch.Tensor]]:
-        """Replacement vectors (one flat tensor per key) sent instead of the scheme's payloads."""
-        return None
-
-    def before_send(self, worker: "PSWorker", step: int, data: bytes) -> bytes:
-        """The bytes that actually leave (may sleep: network delay; may garble them)."""
-        return data
-
-
-@dataclass
-class WorkerStats:
-    pushes: int = 0
-    params_received: int = 0
-    rollbacks: int = 0
-    skipped_rounds: int = 0
-    resyncs: int = 0
-    hellos: int = 0
-    rejected_frames: int = 0
-    ignored_frames: int = 0
-    compute_s: float = 0.0
-    status: str = "running"
-
-
-def new_session() -> int:
-    """A random non-zero 32-bit id for this worker process."""
-    while True:
-        s = int.from_bytes(os.urandom(4), "little")
-        if s:
-            return s
 
 
 class PSWorker:
     """One worker of a parameter-server run. Rank ``worker_id + 1`` on the transport."""
 
     def __init__(self, transport: Transport, scheme: Scheme, task: Task, config: Optional[PSConfig] = None, *,
-                 hooks: Optional[WorkerHooks] = None, session: Optional[int] = None) -> None:
+                 hooks: Optional[WorkerHooks] = None, session: Optional[int] = None,
+                 model: Optional[nn.Module] = None, keys: Optional[range] = None) -> None:
         if transport.rank == SERVER_RANK:
             raise ConfigError("rank 0 is the server; workers are ranks 1..n")
         self.transport = transport
@@ -107,8 +54,10 @@ class PSWorker:
         self.hooks = hooks or WorkerHooks()
         self.worker_id = transport.rank - 1
         self.n_workers = transport.world_size - 1
-        self.model = task.build_model()
+        self.model = model if model is not None else task.build_model()
         self.keys, self.params = model_keys(self.model)
+        if keys is not None:  # one shard's keys of a model shared with the other shards' workers
+            self.keys, self.params = self.keys[keys.start:keys.stop], self.params[keys.start:keys.stop]
         self.shapes = [tuple(p.shape) for p in self.params]
         self.numels = [p.numel() for p in self.params]
         # an SGC assignment carries a few model versions: bound what its size claims may expand to
@@ -133,10 +82,10 @@ class PSWorker:
         self.sgc = None  # sequential gradient coding (commlib/ps/sequential.py): assigned mini-tasks
         if self.config.coding is not None:
             from commlib.ps.coded import CodedWorker, build_code, check_coded_scheme
-            from commlib.ps.sequential import SGC_CODINGS, SGCWorker
+            from commlib.ps.sequential import SGCWorker
 
             check_coded_scheme(scheme, task)
-            if self.config.coding in SGC_CODINGS:
+            if coding_family(self.config.coding) == "sequential":
                 self.sgc = SGCWorker(self.numels)
             else:
                 code = build_code(self.config.coding, self.n_workers, self.config.straggler_tolerance,
@@ -387,12 +336,25 @@ class PSWorker:
             self._send_push(frame, step, payloads, loss_value, t0)
             return
         t0 = time.perf_counter()
+        loss_value = self.backward(step)
+        self.push_gradients(frame, step, self.own_gradients(), loss_value, t0)
+
+    def backward(self, step: int) -> float:
+        """The task's loss at the loaded parameters, back-propagated; returns its value."""
         self.model.zero_grad(set_to_none=True)
         loss = self.task.loss(self.model, self.worker_id, self.n_workers, step,
                               flip_labels=self.hooks.flip_labels(self, step))
         loss.backward()
-        grads = [p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
-                 for p in self.params]
+        return float(loss.detach())
+
+    def own_gradients(self) -> List[torch.Tensor]:
+        """The flat gradients of this worker's parameters (zeros where there is none)."""
+        return [p.grad.detach().reshape(-1) if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype)
+                for p in self.params]
+
+    def push_gradients(self, frame: Frame, step: int, grads: List[torch.Tensor], loss_value: float,
+                       t0: float) -> None:
+        """Encode ``grads`` with the scheme's worker half (after momentum and attack hooks), push."""
         if self.momentum is not None:  # MoNNA (Farhadkhani et al. 2023, Alg. 1): m_i <- beta m_i + (1-beta) g_i
             grads = [self.momentum.update(g, key) for g, key in zip(grads, self.keys)]
         self.sw.begin_step()
@@ -405,7 +367,7 @@ class PSWorker:
         self.sw.record(payloads, self.dense_bytes)
         self.sw.end_step()
         self.hooks.work(self, step, 1.0 / self.n_workers)
-        self._send_push(frame, step, payloads, float(loss.detach()), t0)
+        self._send_push(frame, step, payloads, loss_value, t0)
 
     def _send_push(self, frame: Frame, step: int, payloads: List[Payload], loss_value: float, t0: float,
                    flags: FrameFlag = FrameFlag.NONE, aux: int = -1) -> None:
