@@ -18,6 +18,7 @@ A worker that misses ``max_misses`` rounds in a row is dropped from the quorum (
 from __future__ import annotations
 
 import time
+from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -71,8 +72,8 @@ class ServerAPI(Protocol):
     def note_progress(self) -> None: ...
 
 
-class RoundKind:
-    """Defaults shared by every round kind."""
+class RoundKind(ABC):
+    """Defaults shared by every round kind; each kind implements :meth:`run_round`."""
 
     #: True: a HELLO from a known worker is answered with parameters at once
     answers_hello = True
@@ -94,8 +95,9 @@ class RoundKind:
     def forget(self, w: int) -> None:
         """Worker ``w`` is a new process."""
 
+    @abstractmethod
     def run_round(self, ps: ServerAPI) -> None:
-        raise NotImplementedError
+        """Collect one round's pushes from ``ps`` and apply them (or end the round empty)."""
 
     def summary(self) -> Optional[Dict[str, Any]]:
         return None
