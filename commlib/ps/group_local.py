@@ -14,9 +14,9 @@ from commlib.comm.base import Transport
 from commlib.comm.inproc import InprocHub
 from commlib.errors import ConfigError, WorkerFailure
 from commlib.ps.config import PSConfig
-from commlib.ps.local import _scheme
+from commlib.ps.local import LocalJob
 from commlib.ps.server import ParameterServer
-from commlib.ps.task import Task, build_task
+from commlib.ps.task import Task
 from commlib.ps.worker import WorkerHooks
 from commlib.ps.worker_group import GroupLink, VirtualPSWorker, WorkerGroup
 from commlib.scheme import Scheme
@@ -93,7 +93,7 @@ def split_workers(n_workers: int, groups: int) -> List[List[int]]:
     return out
 
 
-class GroupInprocJob:
+class GroupInprocJob(LocalJob):
     """A server and ``groups`` threads hosting ``n_workers`` logical workers on one hub.
 
     Args: as :class:`commlib.ps.InprocJob` (``hooks`` / ``restart_hooks``: worker id ->
@@ -106,24 +106,14 @@ class GroupInprocJob:
                  restart_after: Optional[Dict[int, float]] = None,
                  restart_hooks: Optional[Dict[int, Optional[WorkerHooks]]] = None,
                  on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
-        if int(n_workers) < 1:
-            raise ConfigError(f"n_workers must be >= 1, got {n_workers}")
-        self.task = build_task(task)
-        self._scheme = scheme
-        self.config = config
-        self.n = int(n_workers)
-        self.hooks = dict(hooks or {})
-        self.restart_hooks = dict(restart_hooks or {})
+        super().__init__(task, scheme, config, n_workers, hooks=hooks, restart_hooks=restart_hooks, on_step=on_step)
         self.hub = NotifyingHub(self.n + 1)
         self.groups = [WorkerGroup(InprocLink(self.hub, ws), self._make_worker, ws, config,
                                    restart_after=restart_after) for ws in split_workers(self.n, groups)]
-        self.server: Optional[ParameterServer] = None
-        self.on_step = on_step
-        self.errors: Dict[int, BaseException] = {}
 
     def _make_worker(self, w: int, transport: Transport, restarted: bool) -> VirtualPSWorker:
         hooks = self.restart_hooks.get(w) if restarted else self.hooks.get(w)
-        return VirtualPSWorker(transport, _scheme(self._scheme), self.task, self.config, hooks=hooks)
+        return VirtualPSWorker(transport, self.new_scheme(), self.task, self.config, hooks=hooks)
 
     def _run_group(self, g: int) -> None:
         try:
@@ -135,7 +125,7 @@ class GroupInprocJob:
 
     def run(self, join_timeout: float = 60.0) -> Dict[str, Any]:
         """Start every group, run the server to the end, join the groups; return the result."""
-        self.server = ParameterServer(self.hub.endpoint(0), _scheme(self._scheme), self.task, self.config,
+        self.server = ParameterServer(self.hub.endpoint(0), self.new_scheme(), self.task, self.config,
                                       on_step=self.on_step)
         threads = [threading.Thread(target=self._run_group, args=(g,), daemon=True, name=f"ps-group{g}")
                    for g in range(len(self.groups))]

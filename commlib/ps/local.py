@@ -18,7 +18,32 @@ def _scheme(scheme: Union[Scheme, Mapping[str, Any]]) -> Scheme:
     return scheme if isinstance(scheme, Scheme) else Scheme.from_config(scheme)
 
 
-class InprocJob:
+class LocalJob:
+    """What every in-process job holds: the task, the scheme config, the server config, the
+    worker count, the fault hooks (worker id -> WorkerHooks, and those of restarted workers)."""
+
+    def __init__(self, task: Union[Task, Mapping[str, Any]], scheme: Union[Scheme, Mapping[str, Any]],
+                 config: PSConfig, n_workers: int, *, hooks: Optional[Dict[int, WorkerHooks]] = None,
+                 restart_hooks: Optional[Dict[int, Optional[WorkerHooks]]] = None,
+                 on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
+        if int(n_workers) < 1:
+            raise ConfigError(f"n_workers must be >= 1, got {n_workers}")
+        self.task = build_task(task)
+        self._scheme = scheme
+        self.config = config
+        self.n = int(n_workers)
+        self.hooks = dict(hooks or {})
+        self.restart_hooks = dict(restart_hooks or {})
+        self.on_step = on_step
+        self.errors: Dict[int, BaseException] = {}
+        self.server: Optional[ParameterServer] = None
+
+    def new_scheme(self) -> Scheme:
+        """The scheme for one more endpoint (a config dict is built anew for each)."""
+        return _scheme(self._scheme)
+
+
+class InprocJob(LocalJob):
     """A server and ``n_workers`` worker threads on one :class:`InprocHub`.
 
     Args:
@@ -36,28 +61,15 @@ class InprocJob:
                  restart_after: Optional[Dict[int, float]] = None,
                  restart_hooks: Optional[Dict[int, Optional[WorkerHooks]]] = None,
                  on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
-        if int(n_workers) < 1:
-            raise ConfigError(f"n_workers must be >= 1, got {n_workers}")
-        self.task = build_task(task)
-        self._scheme = scheme
-        self.config = config
-        self.n = int(n_workers)
-        self.hooks = dict(hooks or {})
+        super().__init__(task, scheme, config, n_workers, hooks=hooks, restart_hooks=restart_hooks, on_step=on_step)
         self.restart_after = {int(k): float(v) for k, v in (restart_after or {}).items()}
-        self.restart_hooks = dict(restart_hooks or {})
         self.hub = InprocHub(self.n + 1)
-        self.on_step = on_step
         self.threads: Dict[int, threading.Thread] = {}
         self.workers: Dict[int, PSWorker] = {}
         self.reports: Dict[int, List[Dict[str, Any]]] = {w: [] for w in range(self.n)}
         self.crashes: Dict[int, int] = {w: 0 for w in range(self.n)}
-        self.errors: Dict[int, BaseException] = {}
-        self.server: Optional[ParameterServer] = None
         self._finished = threading.Event()
         self._lock = threading.Lock()
-
-    def new_scheme(self) -> Scheme:
-        return _scheme(self._scheme)
 
     def start_worker(self, w: int) -> PSWorker:
         """Start worker ``w`` (again, after a crash: a fresh process with an empty queue)."""
