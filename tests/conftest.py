@@ -16,3 +16,18 @@ torch.set_num_threads(1)
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray (2 CPUs, loopback, token auth) for the tests of a module, shut down at its end;
+    actors see tests/ on their PYTHONPATH."""
+    ray = pytest.importorskip("ray")
+    from commlib.comm.ray_transport import ray_start
+
+    tests = os.path.dirname(os.path.abspath(__file__))
+    path = os.pathsep.join(p for p in (tests, os.environ.get("PYTHONPATH", "")) if p)
+    started = ray_start(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    yield
+    if started:
+        ray.shutdown()

@@ -13,20 +13,8 @@ from commlib.ps import InprocJob, PSConfig
 ray = pytest.importorskip("ray")
 pytestmark = [pytest.mark.slow, pytest.mark.ray]
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 TASK = {"name": "classification", "dataset": "digits", "width": 32, "batch": 16, "seed": 2}
 SCHEME = {"compressor": "topk", "ratio": 0.1, "feedback": "ef21"}
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from commlib.comm.ray_transport import ray_start
-
-    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
-    started = ray_start(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
-    yield
-    if started:
-        ray.shutdown()
 
 
 class _ContractActor:

@@ -14,7 +14,6 @@ from commlib.sim import FaultPlan, WorkerFaults
 from commlib.sim.driver import hooks_options
 from commlib.sim.hooks import FaultHooks
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 TASK = {"name": "classification", "dataset": "digits", "width": 32, "batch": 16, "seed": 2}
 
 
@@ -127,17 +126,6 @@ def test_straggle_skip_gives_rounds_up_without_sleeping():
 
 
 ray = pytest.importorskip("ray")
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    from commlib.comm.ray_transport import ray_start
-
-    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH", "")) if p)
-    started = ray_start(num_cpus=2, runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
-    yield
-    if started:
-        ray.shutdown()
 
 
 @pytest.mark.slow
