@@ -13,7 +13,6 @@ the gradient once, and pushes each shard its keys' payloads.
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -26,7 +25,7 @@ from commlib.errors import ConfigError, WorkerFailure
 from commlib.ps.config import PSConfig
 from commlib.ps.protocol import FrameKind
 from commlib.ps.server import ParameterServer
-from commlib.ps.shards import InprocShardExchange, ShardSpec, shard_ranges
+from commlib.ps.shards import InprocShardExchange, ShardSpec, shard_config, shard_ranges
 from commlib.ps.task import Task, build_task, model_keys
 from commlib.ps.worker import PSWorker, WorkerHooks, new_session
 from commlib.scheme import Scheme
@@ -139,7 +138,7 @@ class ShardedInprocJob:
         self.exchange = InprocShardExchange(self.k, timeout=4 * config.step_timeout + 30.0)
         self.hubs = [InprocHub(self.n + 1) for _ in range(self.k)]
         self.servers = [ParameterServer(self.hubs[i].endpoint(0), self.new_scheme(), self.task,
-                                        self._shard_config(i), shard=ShardSpec(i, self.k, r, self.exchange))
+                                        shard_config(self.config, i), shard=ShardSpec(i, self.k, r, self.exchange))
                         for i, r in enumerate(self.ranges)]
         self.workers = [ShardedWorker([h.endpoint(w + 1) for h in self.hubs], [self.new_scheme() for _ in self.hubs],
                                       self.task, config, self.ranges, (hooks or {}).get(w)) for w in range(self.n)]
@@ -147,11 +146,6 @@ class ShardedInprocJob:
 
     def new_scheme(self) -> Scheme:
         return self._scheme if isinstance(self._scheme, Scheme) else Scheme.from_config(self._scheme)
-
-    def _shard_config(self, i: int) -> PSConfig:
-        if not self.config.checkpoint:
-            return self.config
-        return dataclasses.replace(self.config, checkpoint=f"{self.config.checkpoint}.shard{i}")
 
     def _guard(self, name: str, fn, out: Dict[str, Any]) -> None:
         try:

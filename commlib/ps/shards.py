@@ -131,6 +131,15 @@ class InprocShardExchange(ShardExchange):
         return set(self._meet(shard, frozenset(workers), lambda sets: frozenset.intersection(*sets)))
 
 
+def shard_config(config: Any, index: int) -> Any:
+    """Shard ``index``'s server config: the same, with its own checkpoint ``<checkpoint>.shard<i>``."""
+    if not config.checkpoint:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, checkpoint=f"{config.checkpoint}.shard{index}")
+
+
 class ShardSpec:
     """Shard ``index`` of ``count``: the keys ``keys`` of the model, and where it meets the others."""
 

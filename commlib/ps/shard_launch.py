@@ -1,0 +1,173 @@
+"""A sharded parameter server over torch.distributed (gloo): every shard and every worker
+process is a rank of one process group (``commlib.ps.shard_net`` gives the layout).
+
+Under torchrun (``python -m commlib.ps --transport torch --shards K``, ``commlib/ps/launch.py``)
+every rank calls :func:`torch_rank_main`. :class:`ShardedProcessJob` starts the ranks itself on
+this machine (gloo on loopback, ``commlib.local.cluster``)::
+
+    from commlib.ps.shard_launch import ShardedProcessJob
+    res = ShardedProcessJob({"name": "classification", "dataset": "digits"}, {"aggregator": "krum", "f": 1},
+                            PSConfig(steps=20, shards=3), n_workers=64, procs=2).run()
+    res["model_state"]          # the whole model, assembled from the shards
+
+Every rank writes to ``out``: ``shard<i>.json`` and ``shard<i>.pt`` (a shard's result and its
+keys' tensors), ``workers<rank>.json`` (a worker process's reports), ``error<rank>.txt`` (the
+traceback of a rank that failed).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+import traceback
+from typing import Any, Dict, List, Mapping, Optional
+
+import torch
+
+from commlib.comm.auth import ensure_secret
+from commlib.errors import ConfigError, WorkerFailure
+from commlib.ps.config import PSConfig
+from commlib.ps.shard_net import ShardLayout
+from commlib.ps.shard_procs import assemble_model, check_sharding, run_shard_process, wait_seconds
+
+
+def write_output(out: str, rank: int, got: Mapping[str, Any]) -> None:
+    """A rank's result files (plain JSON; tensors with ``torch.save``)."""
+    os.makedirs(out, exist_ok=True)
+    if got["role"] == "shard":
+        with open(os.path.join(out, f"shard{rank}.json"), "w") as f:
+            json.dump(got["result"], f, default=float)
+        torch.save(got["state"], os.path.join(out, f"shard{rank}.pt"))
+    else:
+        with open(os.path.join(out, f"workers{rank}.json"), "w") as f:
+            json.dump({str(w): r for w, r in got["reports"].items()}, f, default=float)
+
+
+def torch_rank_main(layout: ShardLayout, task_spec: Mapping[str, Any], scheme_cfg: Mapping[str, Any],
+                    config: PSConfig, out: str, backend: Optional[str] = None) -> int:
+    """One rank of a sharded job on torch.distributed (the group is set up from torchrun's
+    environment if it is not yet). Writes its files to ``out`` and leaves the process with
+    ``os._exit`` (a gloo receiver thread may still be blocked; see ``commlib/ps/launch.py``)."""
+    from commlib.comm.torch_dist import TorchDistTransport, init_from_env
+
+    rc = 1
+    physical = None
+    try:
+        owns = init_from_env(backend)
+        import torch.distributed as dist
+
+        rank = dist.get_rank()
+        # a worker process hears only from the shards; every queue holds a round of its workers' frames
+        physical = TorchDistTransport(peers=None if layout.is_shard(rank) else range(layout.k), owns_group=owns,
+                                      max_outbox=4 * layout.n + 64, close_timeout=5.0)
+        write_output(out, rank, run_shard_process(physical, layout, task_spec, scheme_cfg, config))
+        rc = 0
+    except BaseException:
+        os.makedirs(out, exist_ok=True)
+        rank = int(os.environ.get("RANK", "-1"))
+        with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+    finally:
+        if physical is not None:
+            physical.close()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    return rc  # pragma: no cover
+
+
+def _rank_entry(rank: int, world: int, layout_args: List[int], spec_json: str, out: str) -> None:
+    spec = json.loads(spec_json)
+    torch_rank_main(ShardLayout(*layout_args), spec["task"], spec["scheme"], PSConfig.from_dict(spec["config"]), out)
+
+
+def _exit_text(code: Optional[int]) -> str:
+    if code is None:
+        return "still running (stopped by the launcher)"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+class ShardedProcessJob:
+    """``config.shards`` shard processes and ``procs`` worker processes (hosting ``n_workers``
+    logical workers between them) on this machine, joined by gloo on loopback."""
+
+    def __init__(self, task: Mapping[str, Any], scheme: Mapping[str, Any], config: PSConfig, n_workers: int,
+                 procs: int = 1, out: Optional[str] = None, start_method: str = "fork") -> None:
+        if not isinstance(task, Mapping) or not isinstance(scheme, Mapping):
+            raise ConfigError("a sharded job across processes takes the task and scheme as JSON-able dicts")
+        check_sharding(config, task, scheme)
+        self.task_spec, self.scheme_cfg, self.config = dict(task), dict(scheme), config
+        self.layout = ShardLayout(config.shards, n_workers, procs)
+        self.out = out or tempfile.mkdtemp(prefix="commlib-shards-", dir=os.environ.get("COMMLIB_TMP"))
+        self.start_method = start_method
+        self.context: Any = None
+
+    def start(self) -> None:
+        from commlib.local.cluster import start
+
+        ensure_secret()  # every rank inherits the job secret
+        spec = json.dumps({"task": self.task_spec, "scheme": self.scheme_cfg, "config": self.config.to_dict()})
+        lay = self.layout
+        self.context = start(_rank_entry, lay.world, [lay.k, lay.n, len(lay.groups)], spec, self.out,
+                             errdir=self.out, start_method=self.start_method)
+
+    @property
+    def pids(self) -> List[int]:
+        """Process ids by rank (shards first)."""
+        return list(self.context.pids())
+
+    def wait(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Join every rank; the assembled result, or WorkerFailure naming each failed rank."""
+        deadline = time.monotonic() + (wait_seconds(self.config) if timeout is None else timeout)
+        procs = self.context.processes
+        for p in procs:
+            p.join(max(0.0, deadline - time.monotonic()))
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5.0)
+        codes = [None if p.is_alive() else p.exitcode for p in procs]
+        failed = [r for r, c in enumerate(codes) if c != 0]
+        if failed:
+            raise WorkerFailure("sharded run failed: " + "; ".join(self._describe(r, codes[r]) for r in failed))
+        return self.collect()
+
+    def _describe(self, rank: int, code: Optional[int]) -> str:
+        who = f"shard {rank}" if self.layout.is_shard(rank) else f"worker process {rank}"
+        err = os.path.join(self.out, f"error{rank}.txt")
+        last = ""
+        if os.path.exists(err):
+            lines = [ln for ln in open(err).read().strip().splitlines() if ln.strip()]
+            last = f": {lines[-1]}" if lines else ""
+        return f"{who} ({_exit_text(code)}){last}"
+
+    def collect(self) -> Dict[str, Any]:
+        """The shards' results and the whole model, read from ``out``."""
+        lay = self.layout
+        shards = []
+        for i in range(lay.k):
+            with open(os.path.join(self.out, f"shard{i}.json")) as f:
+                shards.append(json.load(f))
+        states = [torch.load(os.path.join(self.out, f"shard{i}.pt"), map_location="cpu", weights_only=True)
+                  for i in range(lay.k)]
+        model = assemble_model(self.task_spec, states)
+        reports: Dict[int, Any] = {}
+        for r in range(lay.k, lay.world):
+            with open(os.path.join(self.out, f"workers{r}.json")) as f:
+                reports.update({int(w): v for w, v in json.load(f).items()})
+        return {"status": "done" if all(s["status"] == "done" for s in shards) else "stopped",
+                "steps": min(s["steps"] for s in shards), "shards": shards, "out": self.out,
+                "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+                "worker_reports": reports}
+
+    def run(self) -> Dict[str, Any]:
+        self.start()
+        return self.wait()
