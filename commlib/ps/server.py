@@ -342,7 +342,7 @@ class ParameterServer:
 
     def save_checkpoint(self, path: str) -> None:
         self.members.make_durable()  # what this checkpoint holds is now durable
-        ckpt.save_atomic(self.state_dict(), path)
+        ckpt.save_atomic(self.state_dict(), path, keep_previous=self.shard is not None)
 
     def load_checkpoint(self, path: str) -> None:
         """Resume from ``path``: a new incarnation that continues from the saved step."""

@@ -31,7 +31,7 @@ from commlib.comm.auth import ensure_secret
 from commlib.errors import ConfigError, WorkerFailure
 from commlib.ps.config import PSConfig
 from commlib.ps.shard_net import ShardLayout
-from commlib.ps.shard_procs import assemble_model, check_sharding, run_shard_process, wait_seconds
+from commlib.ps.shard_procs import check_sharding, run_shard_process, sharded_result, wait_seconds
 
 
 def write_output(out: str, rank: int, got: Mapping[str, Any]) -> None:
@@ -114,6 +114,10 @@ class ShardedProcessJob:
         from commlib.local.cluster import start
 
         ensure_secret()  # every rank inherits the job secret
+        if self.start_method == "fork":
+            # forked ranks inherit what is imported here: the first optimizer imports
+            # torch._dynamo (seconds of CPU), which each rank would otherwise do on its own
+            torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         spec = json.dumps({"task": self.task_spec, "scheme": self.scheme_cfg, "config": self.config.to_dict()})
         lay = self.layout
         self.context = start(_rank_entry, lay.world, [lay.k, lay.n, len(lay.groups)], spec, self.out,
@@ -158,15 +162,11 @@ class ShardedProcessJob:
                 shards.append(json.load(f))
         states = [torch.load(os.path.join(self.out, f"shard{i}.pt"), map_location="cpu", weights_only=True)
                   for i in range(lay.k)]
-        model = assemble_model(self.task_spec, states)
         reports: Dict[int, Any] = {}
         for r in range(lay.k, lay.world):
             with open(os.path.join(self.out, f"workers{r}.json")) as f:
                 reports.update({int(w): v for w, v in json.load(f).items()})
-        return {"status": "done" if all(s["status"] == "done" for s in shards) else "stopped",
-                "steps": min(s["steps"] for s in shards), "shards": shards, "out": self.out,
-                "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
-                "worker_reports": reports}
+        return dict(sharded_result(self.task_spec, shards, states, reports), out=self.out)
 
     def run(self) -> Dict[str, Any]:
         self.start()

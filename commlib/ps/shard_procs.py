@@ -8,12 +8,14 @@ tensors (``{name: tensor}``, saved with ``torch.save`` and read with ``weights_o
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 
 from commlib.comm.base import Transport
 from commlib.errors import CommlibError, ConfigError
+from commlib.ps import checkpoint as ckpt
 from commlib.ps.config import PSConfig
 from commlib.ps.server import ParameterServer
 from commlib.ps.shard_net import NetShardExchange, ShardLayout, ShardRouter
@@ -31,14 +33,29 @@ def check_sharding(config: PSConfig, task_spec: Mapping[str, Any], scheme_cfg: M
                                                build_task(dict(task_spec)))
 
 
-def _check_resume(exchange: NetShardExchange, server: ParameterServer) -> None:
-    """Every shard resumed from a checkpoint of the same step, or none starts."""
-    mine = torch.zeros(exchange.k, dtype=torch.float64)
-    mine[exchange.index] = float(server.version)
-    steps = [int(v) for v in exchange.allreduce(exchange.index, mine).tolist()]
-    if len(set(steps)) > 1:
-        raise ConfigError(f"the shards' checkpoints are at steps {steps}: a shard stopped in the middle of a "
-                          "round, so the shards cannot resume to one model; start the run again without --resume")
+def _checkpoint_step(path: str) -> int:
+    return int(ckpt.load(path)["version"]) if os.path.exists(path) else -1
+
+
+def align_resume(exchange: NetShardExchange, path: str) -> int:
+    """Before a shard resumes: every shard resumes from a checkpoint of one step. A shard that
+    died in the middle of a round leaves its checkpoint one step behind the others' (a round is
+    applied by all or none, so never more); the shards ahead go back to their previous
+    checkpoint (``PATH.prev``, kept by sharded servers). Returns the common step (-1: none)."""
+    mine = _checkpoint_step(path)
+    onehot = torch.zeros(exchange.k, dtype=torch.float64)
+    onehot[exchange.index] = float(mine)
+    steps = [int(v) for v in exchange.allreduce(exchange.index, onehot).tolist()]
+    target = min(steps)
+    if mine > target:
+        prev = f"{path}.prev"
+        if _checkpoint_step(prev) != target:
+            raise ConfigError(f"shard {exchange.index}: the shards' checkpoints are at steps {steps} and "
+                              f"{prev} is not at step {target}: the shards cannot resume to one model")
+        os.replace(prev, path)
+    elif target < 0 and max(steps) >= 0:
+        raise ConfigError(f"shard {exchange.index} has no checkpoint at {path}; the others do (steps {steps})")
+    return target
 
 
 def serve_shard(router: ShardRouter, task_spec: Mapping[str, Any], scheme_cfg: Mapping[str, Any],
@@ -48,10 +65,11 @@ def serve_shard(router: ShardRouter, task_spec: Mapping[str, Any], scheme_cfg: M
     task = build_task(dict(task_spec))
     ranges = shard_ranges([p.numel() for p in model_keys(task.build_model())[1]], lay.k)
     exchange = NetShardExchange(router, timeout=4 * config.step_timeout + 30.0)
+    config = shard_config(config, i)
+    if config.resume and config.checkpoint:
+        align_resume(exchange, config.checkpoint)
     server = ParameterServer(router.server_view(), Scheme.from_config(dict(scheme_cfg)), task,
-                             shard_config(config, i), shard=ShardSpec(i, lay.k, ranges[i], exchange))
-    if config.resume:
-        _check_resume(exchange, server)
+                             config, shard=ShardSpec(i, lay.k, ranges[i], exchange))
     result = server.run()
     result["exchange"] = {"exchanges": exchange.exchanges, "rejected": exchange.rejected,
                           "last_rejection": exchange.last_rejection, "router_rejected": router.rejected,
@@ -120,6 +138,16 @@ def assemble_model(task_spec: Mapping[str, Any], states: List[Mapping[str, torch
             raise CommlibError(f"key {k}: shard sent shape {tuple(have[k].shape)}, the model has {tuple(p.shape)}")
         p.data.copy_(have[k])
     return model
+
+
+def sharded_result(task_spec: Mapping[str, Any], shards: List[Dict[str, Any]],
+                   states: List[Mapping[str, torch.Tensor]], reports: Mapping[int, Any]) -> Dict[str, Any]:
+    """The job's result: the shards' results, the worker reports and the whole model."""
+    model = assemble_model(task_spec, states)
+    return {"status": "done" if all(s["status"] == "done" for s in shards) else "stopped",
+            "steps": min(s["steps"] for s in shards), "shards": shards,
+            "model_state": {k: v.detach().clone() for k, v in model.state_dict().items()},
+            "worker_reports": dict(reports)}
 
 
 def wait_seconds(config: PSConfig) -> float:
