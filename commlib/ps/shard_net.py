@@ -46,6 +46,7 @@ CH_FRAME = 0
 CH_EXCHANGE = 1
 #: exchange messages of the next call a shard keeps per sender until it gets there
 MAX_AHEAD = 4
+_SLICE = 0.2  # seconds a shard's server waits before it looks whether the other shards are alive
 
 
 class ShardLayout:
@@ -85,10 +86,23 @@ class _View(Transport):
         return self.router.physical.send(phys, head + data)
 
     def _recv(self, timeout: Optional[float]) -> Optional[Received]:
-        try:
-            return self._inbox.get_nowait() if timeout == 0 else self._inbox.get(timeout=timeout)
-        except queue.Empty:
-            return None
+        """The next message; on a shard, CommlibError as soon as another shard is gone (the shards
+        can no longer apply the same rounds: the run stops rather than wait out its timeouts)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if self.rank == 0 and self.router.layout.is_shard(self.router.rank):
+                gone = self.router.shards_gone()
+                if gone:
+                    raise CommlibError(f"shard {self.router.rank}: shard(s) {gone} are gone (process died or "
+                                       "link broke); the sharded run stops")
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                if left is not None and left <= 0:
+                    return self._inbox.get_nowait()
+                return self._inbox.get(timeout=_SLICE if left is None else min(_SLICE, left))
+            except queue.Empty:
+                if left is not None and left <= _SLICE:
+                    return None
 
     def is_dead(self, peer: int) -> bool:
         if int(peer) == self.rank:
