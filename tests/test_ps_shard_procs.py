@@ -57,10 +57,10 @@ def test_three_shard_processes_over_gloo_equal_one_inprocess_server_bit_for_bit(
     assert same(res["model_state"], reference(scheme, n, cfg()))
 
 
-def test_three_shard_actors_on_local_ray_equal_one_inprocess_server(local_ray):
+def test_two_shard_actors_on_local_ray_equal_one_inprocess_server_for_krum(local_ray):
     from commlib.ps.shard_ray import run_ray_sharded
 
-    res = run_ray_sharded(TASK, KRUM, cfg(), 5, procs=2)
+    res = run_ray_sharded(TASK, KRUM, cfg(shards=2), 5, procs=1)
     assert res["status"] == "done" and res["steps"] == 4
     assert same(res["model_state"], reference(KRUM, 5, cfg()))
 

@@ -46,11 +46,53 @@ def write_output(out: str, rank: int, got: Mapping[str, Any]) -> None:
             json.dump({str(w): r for w, r in got["reports"].items()}, f, default=float)
 
 
+def collect_out(out: str, task_spec: Mapping[str, Any], layout: ShardLayout) -> Dict[str, Any]:
+    """A finished job's result from the ranks' files in ``out`` (tensors read with ``weights_only=True``)."""
+    shards = []
+    for i in range(layout.k):
+        with open(os.path.join(out, f"shard{i}.json")) as f:
+            shards.append(json.load(f))
+    states = [torch.load(os.path.join(out, f"shard{i}.pt"), map_location="cpu", weights_only=True)
+              for i in range(layout.k)]
+    reports: Dict[int, Any] = {}
+    for r in range(layout.k, layout.world):
+        path = os.path.join(out, f"workers{r}.json")
+        if os.path.exists(path):  # (on another node under torchrun: not in this directory)
+            with open(path) as f:
+                reports.update({int(w): v for w, v in json.load(f).items()})
+    return dict(sharded_result(task_spec, shards, states, reports), out=out)
+
+
+def write_job_output(out: str, result: Dict[str, Any]) -> None:
+    """``OUT/result.json`` (the shards' results) and ``OUT/model.pt`` (the whole model)."""
+    state = result.pop("model_state")
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f, indent=1, default=float)
+    torch.save(state, os.path.join(out, "model.pt"))
+    totals = [s["totals"]["applied"] for s in result["shards"]]
+    print(f"commlib.ps: {result['status']}: {result['steps']} steps on {len(totals)} shards, pushes applied {totals}")
+
+
+def _gather_on_rank0(out: str, task_spec: Mapping[str, Any], layout: ShardLayout, timeout: float = 60.0) -> None:
+    """Rank 0 under torchrun: once every shard wrote its files to ``out`` (one machine, or a
+    shared directory), write the job's result.json and model.pt."""
+    deadline = time.monotonic() + timeout
+    names = [os.path.join(out, f"shard{i}.{ext}") for i in range(layout.k) for ext in ("json", "pt")]
+    while not all(os.path.exists(n) for n in names):
+        if time.monotonic() > deadline:
+            print(f"commlib.ps: not every shard's files are in {out}; collect them with "
+                  "commlib.ps.shard_launch.collect_out", file=sys.stderr)
+            return
+        time.sleep(0.2)
+    write_job_output(out, collect_out(out, task_spec, layout))
+
+
 def torch_rank_main(layout: ShardLayout, task_spec: Mapping[str, Any], scheme_cfg: Mapping[str, Any],
-                    config: PSConfig, out: str, backend: Optional[str] = None) -> int:
+                    config: PSConfig, out: str, backend: Optional[str] = None, gather: bool = False) -> int:
     """One rank of a sharded job on torch.distributed (the group is set up from torchrun's
     environment if it is not yet). Writes its files to ``out`` and leaves the process with
-    ``os._exit`` (a gloo receiver thread may still be blocked; see ``commlib/ps/launch.py``)."""
+    ``os._exit`` (a gloo receiver thread may still be blocked; see ``commlib/ps/launch.py``).
+    ``gather``: rank 0 then writes the job's ``result.json`` and ``model.pt``."""
     from commlib.comm.torch_dist import TorchDistTransport, init_from_env
 
     rc = 1
@@ -64,6 +106,8 @@ def torch_rank_main(layout: ShardLayout, task_spec: Mapping[str, Any], scheme_cf
         physical = TorchDistTransport(peers=None if layout.is_shard(rank) else range(layout.k), owns_group=owns,
                                       max_outbox=4 * layout.n + 64, close_timeout=5.0)
         write_output(out, rank, run_shard_process(physical, layout, task_spec, scheme_cfg, config))
+        if gather and rank == 0:
+            _gather_on_rank0(out, task_spec, layout)
         rc = 0
     except BaseException:
         os.makedirs(out, exist_ok=True)
@@ -155,18 +199,7 @@ class ShardedProcessJob:
 
     def collect(self) -> Dict[str, Any]:
         """The shards' results and the whole model, read from ``out``."""
-        lay = self.layout
-        shards = []
-        for i in range(lay.k):
-            with open(os.path.join(self.out, f"shard{i}.json")) as f:
-                shards.append(json.load(f))
-        states = [torch.load(os.path.join(self.out, f"shard{i}.pt"), map_location="cpu", weights_only=True)
-                  for i in range(lay.k)]
-        reports: Dict[int, Any] = {}
-        for r in range(lay.k, lay.world):
-            with open(os.path.join(self.out, f"workers{r}.json")) as f:
-                reports.update({int(w): v for w, v in json.load(f).items()})
-        return dict(sharded_result(self.task_spec, shards, states, reports), out=self.out)
+        return collect_out(self.out, self.task_spec, self.layout)
 
     def run(self) -> Dict[str, Any]:
         self.start()
