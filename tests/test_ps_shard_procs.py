@@ -4,8 +4,11 @@ the same weights as one in-process server, the shards' exchange refuses hostile 
 on, and a killed shard process fails the run with a clear error and the run resumes per shard
 from the checkpoints to the uninterrupted run's weights."""
 import dataclasses
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -45,8 +48,9 @@ def same(a, b):
     return all(torch.equal(a[k], b[k]) for k in b) and set(a) == set(b)
 
 
-# Every process runs torch with one thread (conftest; the launcher's ranks too): the Gram
-# matrices' matmuls then add in one order everywhere, so the results are bit for bit.
+# Every process runs torch with one thread (conftest; the launcher's and torchrun's ranks too):
+# the Gram matrices' matmuls then add in one order everywhere, so the results are bit for bit.
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme,n", [(MEAN, 4), (KRUM, 5)], ids=["mean", "krum"])
 def test_three_shard_processes_over_gloo_equal_one_inprocess_server_bit_for_bit(scheme, n):
     res = ShardedProcessJob(TASK, scheme, cfg(), n, procs=2).run()
@@ -57,6 +61,23 @@ def test_three_shard_processes_over_gloo_equal_one_inprocess_server_bit_for_bit(
     assert same(res["model_state"], reference(scheme, n, cfg()))
 
 
+@pytest.mark.slow
+def test_torchrun_two_shards_and_a_worker_rank_equal_one_inprocess_server(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "commlib.ps",
+           "--transport", "torch", "--shards", "2", "--workers", "4", "--task", json.dumps(TASK),
+           "--ps", json.dumps(cfg().to_dict()), "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["status"] == "done" and [s["totals"]["applied"] for s in result["shards"]] == [16, 16]
+    model = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert same(model, reference(MEAN, 4, cfg()))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
 def test_two_shard_actors_on_local_ray_equal_one_inprocess_server_for_krum(local_ray):
     from commlib.ps.shard_ray import run_ray_sharded
 
@@ -155,6 +176,7 @@ def _kill_when_checkpointed(job, shard, step, path, done):
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_a_killed_shard_process_fails_the_run_and_every_shard_resumes_from_its_checkpoint(tmp_path):
     path = str(tmp_path / "ps.ckpt")
     config = cfg(steps=24, checkpoint=path)
