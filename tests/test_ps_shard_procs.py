@@ -208,3 +208,33 @@ def test_sharding_refuses_async_coding_and_private_tasks_before_starting():
     private = {"name": "private", "task": TASK, "stage": {"name": "dpsgd", "clip": 1.0, "sigma": 0.5}}
     with pytest.raises(ConfigError, match="task PrivateTask"):
         ShardedProcessJob(private, MEAN, cfg(), 3)
+
+
+def test_ps_modules_stay_small_and_their_module_level_imports_have_no_cycle():
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "commlib" / "ps"
+    graph = {}
+    for path in root.glob("*.py"):
+        assert len(path.read_text().splitlines()) <= 400, f"{path.name} is over 400 lines"
+        deps = set()
+        for node in ast.parse(path.read_text()).body:  # module level only (lazy imports are deliberate)
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("commlib.ps"):
+                deps.add(node.module)
+                deps.update(f"commlib.ps.{a.name}" for a in node.names if node.module == "commlib.ps")
+        graph[f"commlib.ps.{path.stem}"] = {d for d in deps if d != "commlib.ps"} - {f"commlib.ps.{path.stem}"}
+    graph["commlib.ps.__init__"] = set()  # the package re-exports; its members do not import it back
+    state = {}
+
+    def visit(m, trail):
+        if state.get(m) == "done":
+            return
+        assert state.get(m) != "open", "import cycle: " + " -> ".join(trail + [m])
+        state[m] = "open"
+        for d in graph.get(m, ()):
+            visit(d, trail + [m])
+        state[m] = "done"
+
+    for m in graph:
+        visit(m, [])
