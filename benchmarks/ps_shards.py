@@ -84,14 +84,16 @@ def plot(rows: List[Dict[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    metrics = (("round_s", "round time (s)"), ("pushes_per_s", "worker pushes applied per second"),
+               ("mb_per_s", "MB the shards received per second"))
     for agg in sorted({r["aggregator"] for r in rows}):
         for k in sorted({r["shards"] for r in rows}):
             rs = [r for r in rows if r["aggregator"] == agg and r["shards"] == k]
             style = "o-" if agg == "mean" else "s--"
-            axes[0].plot([r["workers"] for r in rs], [r["round_s"] for r in rs], style, label=f"{agg}, {k} shards")
-            axes[1].plot([r["workers"] for r in rs], [r["pushes_per_s"] for r in rs], style, label=f"{agg}, {k} shards")
-    for ax, ylabel in ((axes[0], "round time (s)"), (axes[1], "worker pushes applied per second")):
+            for ax, (key, _) in zip(axes, metrics):
+                ax.plot([r["workers"] for r in rs], [r[key] for r in rs], style, label=f"{agg}, {k} shards")
+    for ax, (_, ylabel) in zip(axes, metrics):
         ax.set_xscale("log")
         ax.set_xlabel("workers")
         ax.set_ylabel(ylabel)
