@@ -238,3 +238,42 @@ def test_ps_modules_stay_small_and_their_module_level_imports_have_no_cycle():
 
     for m in graph:
         visit(m, [])
+
+
+def test_shards_one_step_apart_go_back_to_the_previous_checkpoint_to_resume_together(tmp_path):
+    from commlib.ps.shard_procs import align_resume
+
+    lay, hub, routers = _world()
+    paths = [str(tmp_path / f"ck.shard{i}") for i in range(2)]
+    for step in (1, 2, 3):  # shard 0 applied round 3; shard 1 died before its checkpoint of it
+        ckpt.save_atomic({"format": ckpt.FORMAT, "version": step}, paths[0], keep_previous=True)
+        if step < 3:
+            ckpt.save_atomic({"format": ckpt.FORMAT, "version": step}, paths[1], keep_previous=True)
+    ex = [NetShardExchange(routers[i], timeout=10) for i in range(2)]
+    got = {}
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, align_resume(ex[i], paths[i]))) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert got == {0: 2, 1: 2}
+    assert [ckpt.load(p)["version"] for p in paths] == [2, 2]
+    # two steps apart cannot happen (a round is applied by all shards or none): refused, not guessed
+    ckpt.save_atomic({"format": ckpt.FORMAT, "version": 4}, paths[0], keep_previous=True)
+    ckpt.save_atomic({"format": ckpt.FORMAT, "version": 5}, paths[0], keep_previous=True)
+    errors = {}
+
+    def align(i):
+        try:
+            align_resume(ex[i], paths[i])
+        except ConfigError as exc:
+            errors[i] = str(exc)
+
+    threads = [threading.Thread(target=align, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert list(errors) == [0] and "steps [5, 2]" in errors[0]
+    for r in routers:
+        r.close()
