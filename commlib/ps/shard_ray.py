@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from typing import Any, Dict, List, Mapping, Optional
 
 import torch
@@ -56,6 +57,34 @@ class _ShardRankActor:
         return "workers", json.dumps({str(w): r for w, r in got["reports"].items()}, default=float), b""
 
 
+def _collect(ray: Any, refs: List[Any], lay: ShardLayout, timeout: float) -> List[Any]:
+    """Every rank's return value, in rank order; WorkerFailure as soon as a shard actor fails
+    (the other shards could not go on: the run stops) or when all are back and any failed."""
+    index = {ref: r for r, ref in enumerate(refs)}
+    out: Dict[int, Any] = {}
+    failures: List[str] = []
+    pending = list(refs)
+    deadline = time.monotonic() + timeout
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+        if not ready:
+            failures.append(f"ranks {sorted(index[p] for p in pending)} did not finish within {timeout:.0f} s")
+            break
+        r = index[ready[0]]
+        who = f"shard {r}" if lay.is_shard(r) else f"worker actor {r}"
+        try:
+            out[r] = ray.get(ready[0])
+        except ray.exceptions.RayActorError as exc:
+            failures.append(f"{who} died ({str(exc).strip().splitlines()[0][:200]})")
+        except ray.exceptions.RayError as exc:
+            failures.append(f"{who}: {str(exc).strip().splitlines()[-1][:300]}")
+        if failures and lay.is_shard(r):
+            break
+    if failures:
+        raise WorkerFailure("sharded run on Ray failed: " + "; ".join(failures))
+    return [out[r] for r in range(len(refs))]
+
+
 def run_ray_sharded(task: Mapping[str, Any], scheme: Mapping[str, Any], config: PSConfig, n_workers: int, *,
                     procs: int = 1, address: Optional[str] = None, num_cpus: Optional[int] = None,
                     actor_options: Optional[Mapping[str, Any]] = None, threads: int = 1) -> Dict[str, Any]:
@@ -82,18 +111,7 @@ def run_ray_sharded(task: Mapping[str, Any], scheme: Mapping[str, Any], config: 
     peers = dict(enumerate(actors))
     refs = [a.run.remote({r: h for r, h in peers.items() if r != i}) for i, a in enumerate(actors)]
     try:
-        out: List[Any] = []
-        failures = []
-        for r, ref in enumerate(refs):
-            who = f"shard {r}" if lay.is_shard(r) else f"worker actor {r}"
-            try:
-                out.append(ray.get(ref, timeout=wait_seconds(config)))
-            except ray.exceptions.RayActorError as exc:
-                failures.append(f"{who} died ({str(exc).splitlines()[0][:200]})")
-            except ray.exceptions.RayError as exc:
-                failures.append(f"{who}: {str(exc).strip().splitlines()[-1][:300]}")
-        if failures:
-            raise WorkerFailure("sharded run on Ray failed: " + "; ".join(failures))
+        out = _collect(ray, refs, lay, wait_seconds(config))
     finally:
         for a in actors:
             try:
