@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import time
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -39,6 +40,9 @@ class _ShardRankActor:
 
     def deliver(self, src: int, stream: int, seq: int, data: bytes) -> bool:
         return self.inbox.deliver(src, stream, seq, data)
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def run(self, peers: Dict[int, Any]) -> tuple:
         spec = self.spec
@@ -85,43 +89,67 @@ def _collect(ray: Any, refs: List[Any], lay: ShardLayout, timeout: float) -> Lis
     return [out[r] for r in range(len(refs))]
 
 
-def run_ray_sharded(task: Mapping[str, Any], scheme: Mapping[str, Any], config: PSConfig, n_workers: int, *,
-                    procs: int = 1, address: Optional[str] = None, num_cpus: Optional[int] = None,
-                    actor_options: Optional[Mapping[str, Any]] = None, threads: int = 1) -> Dict[str, Any]:
+class RayShardedJob:
     """``config.shards`` shard actors and ``procs`` worker actors (``n_workers`` logical workers
-    between them); the shards' results and the whole model. A failed actor raises WorkerFailure
-    naming its rank and role."""
-    import ray
+    between them) on a local Ray or a cluster (``address``). :meth:`run` returns the shards'
+    results and the whole model; a failed actor raises WorkerFailure naming its rank and role."""
 
-    if not isinstance(task, Mapping) or not isinstance(scheme, Mapping):
-        raise ConfigError("run_ray_sharded takes the task and the scheme as JSON-able dicts (rebuilt in each actor)")
-    check_sharding(config, task, scheme)
-    lay = ShardLayout(config.shards, n_workers, procs)
-    secret = None
-    if not auth_disabled():
-        ensure_secret()
-        secret = load_secret().decode("utf-8")
-    ray_start(address, num_cpus)
-    spec = json.dumps({"task": dict(task), "scheme": dict(scheme), "config": config.to_dict(), "secret": secret,
-                       "threads": int(threads)})
-    opts = {"max_concurrency": 4, "max_restarts": 0, "num_cpus": 0}
-    opts.update(actor_options or {})
-    actors = [ray.remote(_ShardRankActor).options(**opts).remote(r, [lay.k, lay.n, len(lay.groups)], spec)
-              for r in range(lay.world)]
-    peers = dict(enumerate(actors))
-    refs = [a.run.remote({r: h for r, h in peers.items() if r != i}) for i, a in enumerate(actors)]
-    try:
-        out = _collect(ray, refs, lay, wait_seconds(config))
-    finally:
-        for a in actors:
-            try:
-                ray.kill(a)
-            except Exception:  # already gone
-                pass
-    shards = [json.loads(o[1]) for o in out if o[0] == "shard"]
-    states = [torch.load(io.BytesIO(o[2]), map_location="cpu", weights_only=True) for o in out if o[0] == "shard"]
-    reports: Dict[int, Any] = {}
-    for o in out:
-        if o[0] == "workers":
-            reports.update({int(w): v for w, v in json.loads(o[1]).items()})
-    return sharded_result(task, shards, states, reports)
+    def __init__(self, task: Mapping[str, Any], scheme: Mapping[str, Any], config: PSConfig, n_workers: int, *,
+                 procs: int = 1, address: Optional[str] = None, num_cpus: Optional[int] = None,
+                 actor_options: Optional[Mapping[str, Any]] = None, threads: int = 1) -> None:
+        if not isinstance(task, Mapping) or not isinstance(scheme, Mapping):
+            raise ConfigError("a sharded job on Ray takes the task and the scheme as JSON-able dicts")
+        check_sharding(config, task, scheme)
+        self.task, self.scheme, self.config = dict(task), dict(scheme), config
+        self.layout = ShardLayout(config.shards, n_workers, procs)
+        self.address, self.num_cpus, self.threads = address, num_cpus, int(threads)
+        self.options = {"max_concurrency": 4, "max_restarts": 0, "num_cpus": 0}
+        self.options.update(actor_options or {})
+        self.actors: List[Any] = []
+        self.refs: List[Any] = []
+
+    def start(self) -> None:
+        import ray
+
+        secret = None
+        if not auth_disabled():
+            ensure_secret()
+            secret = load_secret().decode("utf-8")
+        ray_start(self.address, self.num_cpus)
+        lay = self.layout
+        spec = json.dumps({"task": self.task, "scheme": self.scheme, "config": self.config.to_dict(),
+                           "secret": secret, "threads": self.threads})
+        self.actors = [ray.remote(_ShardRankActor).options(**self.options).remote(r, [lay.k, lay.n, len(lay.groups)],
+                                                                                   spec)
+                       for r in range(lay.world)]
+        peers = dict(enumerate(self.actors))
+        self.refs = [a.run.remote({r: h for r, h in peers.items() if r != i}) for i, a in enumerate(self.actors)]
+
+    def wait(self) -> Dict[str, Any]:
+        import ray
+
+        try:
+            out = _collect(ray, self.refs, self.layout, wait_seconds(self.config))
+        finally:
+            for a in self.actors:
+                try:
+                    ray.kill(a)
+                except Exception:  # already gone
+                    pass
+        shards = [json.loads(o[1]) for o in out if o[0] == "shard"]
+        states = [torch.load(io.BytesIO(o[2]), map_location="cpu", weights_only=True) for o in out if o[0] == "shard"]
+        reports: Dict[int, Any] = {}
+        for o in out:
+            if o[0] == "workers":
+                reports.update({int(w): v for w, v in json.loads(o[1]).items()})
+        return sharded_result(self.task, shards, states, reports)
+
+    def run(self) -> Dict[str, Any]:
+        self.start()
+        return self.wait()
+
+
+def run_ray_sharded(task: Mapping[str, Any], scheme: Mapping[str, Any], config: PSConfig, n_workers: int,
+                    **kw: Any) -> Dict[str, Any]:
+    """One sharded run on Ray (see :class:`RayShardedJob`)."""
+    return RayShardedJob(task, scheme, config, n_workers, **kw).run()
