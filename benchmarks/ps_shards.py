@@ -140,7 +140,8 @@ def main() -> None:
                 try:
                     row = one(n, k, agg, args.steps, args.runtime, args.procs, args.timeout)
                 except Exception as exc:  # a run that failed or ran out of time: recorded, not shown as a number
-                    skipped.append({"workers": n, "shards": k, "aggregator": agg, "why": f"{type(exc).__name__}: {exc}"[:300]})
+                    why = f"{type(exc).__name__}: {exc}"[:300]
+                    skipped.append({"workers": n, "shards": k, "aggregator": agg, "why": why})
                     print(f"{n:>13} {k:>13} {agg:>13}  not run: {skipped[-1]['why'][:100]}", flush=True)
                     save()
                     continue

@@ -101,7 +101,8 @@ def test_hostile_exchange_messages_are_refused_and_the_exchange_completes():
     good = pack_sum(1, 0, torch.ones(3, 3, dtype=torch.float64))
     nan = pack_sum(1, 0, torch.full((3, 3), float("nan"), dtype=torch.float64))
     for junk in [b"", b"CLSX", good[:-1], good + b"\0", good[:20], nan,
-                 pack_sum(1, 0, torch.ones(3, 3, dtype=torch.float32)), pack_sum(1, 0, torch.ones(3, 2, dtype=torch.float64)),
+                 pack_sum(1, 0, torch.ones(3, 3, dtype=torch.float32)),  # another dtype
+                 pack_sum(1, 0, torch.ones(3, 2, dtype=torch.float64)),  # another shape
                  pack_sum(0, 0, torch.ones(3, 3, dtype=torch.float64)),  # claims to be shard 0
                  pack_sum(1, 7, torch.ones(3, 3, dtype=torch.float64)),  # a call far ahead
                  pack_agree(1, 0, [0])]:  # the wrong op for this call

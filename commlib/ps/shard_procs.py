@@ -9,7 +9,7 @@ tensors (``{name: tensor}``, saved with ``torch.save`` and read with ``weights_o
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
