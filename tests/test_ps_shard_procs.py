@@ -278,3 +278,11 @@ def test_shards_one_step_apart_go_back_to_the_previous_checkpoint_to_resume_toge
     assert list(errors) == [0] and "steps [5, 2]" in errors[0]
     for r in routers:
         r.close()
+
+
+def test_an_unsharded_runner_refuses_a_sharded_config():
+    from commlib.ps import ParameterServer, build_task
+    from commlib.scheme import Scheme
+
+    with pytest.raises(ConfigError, match="shards=3: run the sharded runners"):
+        ParameterServer(InprocHub(3).endpoint(0), Scheme.from_config(MEAN), build_task(TASK), cfg())

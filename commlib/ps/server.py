@@ -75,6 +75,9 @@ class ParameterServer:
         self.model = task.build_model() if isinstance(task, Task) else task
         self.keys, self.params = model_keys(self.model)
         self.shard = shard  # a sharded server (commlib/ps/shards.py): this shard's keys only
+        if shard is None and int(cfg.shards) > 1:
+            raise ConfigError(f"shards={cfg.shards}: run the sharded runners (--shards K, ShardedProcessJob, "
+                              "RayShardedJob, ShardedInprocJob), not one ParameterServer")
         if shard is not None:
             self.keys, self.params = shard.select(self.keys, self.params, cfg, scheme, self.task)
         self.numels = [p.numel() for p in self.params]
