@@ -25,7 +25,7 @@ from commlib.ps.shard_net import CH_EXCHANGE, NetShardExchange, ShardLayout, Sha
 from commlib.ps.shard_wire import pack_agree, pack_sum, read_agree, read_head, read_sum
 from commlib.ps.sharded_local import run_inproc_sharded
 
-TASK = {"name": "classification", "dataset": "digits", "width": 32, "depth": 2, "batch": 16}
+TASK = {"name": "classification", "dataset": "mixture", "width": 32, "depth": 2, "batch": 16}  # (no sklearn import per process)
 MEAN = {"compressor": "identity"}
 KRUM = {"compressor": "identity", "aggregator": "krum", "aggregator_options": {"f": 1}}
 
