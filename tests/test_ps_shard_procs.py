@@ -62,18 +62,27 @@ def test_three_shard_processes_over_gloo_equal_one_inprocess_server_bit_for_bit(
 
 
 @pytest.mark.slow
-def test_torchrun_two_shards_and_a_worker_rank_equal_one_inprocess_server(tmp_path):
+@pytest.mark.parametrize("launcher,scheme", [("torchrun", MEAN), pytest.param("mpirun", KRUM, marks=pytest.mark.mpi)],
+                         ids=["torchrun-mean", "mpirun-krum"])
+def test_launched_two_shards_and_a_worker_rank_equal_one_inprocess_server(tmp_path, launcher, scheme):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3", "-m", "commlib.ps",
-           "--transport", "torch", "--shards", "2", "--workers", "4", "--task", json.dumps(TASK),
-           "--ps", json.dumps(cfg().to_dict()), "--out", str(tmp_path)]
+    args = ["-m", "commlib.ps", "--transport", "torch" if launcher == "torchrun" else "mpi", "--shards", "2",
+            "--workers", "5", "--task", json.dumps(TASK), "--scheme", json.dumps(scheme),
+            "--ps", json.dumps(cfg().to_dict()), "--out", str(tmp_path)]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"] + args
+    else:
+        mpirun = os.path.join(os.path.dirname(sys.executable), "mpirun")
+        if not os.path.exists(mpirun):
+            pytest.skip("mpirun is not installed next to this Python")
+        cmd = [mpirun, "-n", "3", sys.executable] + args
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "result.json").read_text())
-    assert result["status"] == "done" and [s["totals"]["applied"] for s in result["shards"]] == [16, 16]
+    assert result["status"] == "done" and [s["totals"]["applied"] for s in result["shards"]] == [20, 20]
     model = torch.load(tmp_path / "model.pt", weights_only=True)
-    assert same(model, reference(MEAN, 4, cfg()))
+    assert same(model, reference(scheme, 5, cfg()))
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
     torchrun --standalone --nproc_per_node 3 -m commlib.ps --transport torch --steps 50 --out runs/ps
     mpirun -n 3 python -m commlib.ps --transport mpi --mode async --steps 200 --out runs/ps
+    mpirun -n 5 python -m commlib.ps --transport mpi --shards 3 --workers 64 --out runs/ps   (sharded)
     python -m commlib.ps --transport ray --workers 4 [--address auto] --out runs/ps
     python -m commlib.ps --transport inproc --workers 4 --out runs/ps
 
@@ -146,15 +147,16 @@ def _run_sharded(args, task_spec: Dict[str, Any], scheme_cfg: Dict[str, Any], co
     """``--shards K`` (K > 1): the shards and the worker processes (``commlib/ps/shard_launch.py``)."""
     from commlib.ps import shard_launch
 
-    if args.transport == "torch":
+    if args.transport in ("torch", "mpi"):
         from commlib.ps.shard_net import ShardLayout
 
-        world = int(os.environ.get("WORLD_SIZE", "0"))
+        world = shard_launch.launched_world_size(args.transport)
         if world <= config.shards:
-            raise ConfigError(f"--shards {config.shards} under torchrun needs more than {config.shards} ranks "
-                              f"(the shards, then the worker processes); WORLD_SIZE={world}")
+            raise ConfigError(f"--shards {config.shards} needs more than {config.shards} ranks (the shards, then "
+                              f"the worker processes); this job has {world}")
         layout = ShardLayout(config.shards, args.workers or world - config.shards, world - config.shards)
-        return shard_launch.torch_rank_main(layout, task_spec, scheme_cfg, config, args.out, args.backend, gather=True)
+        return shard_launch.rank_main(layout, task_spec, scheme_cfg, config, args.out, transport=args.transport,
+                                      backend=args.backend, gather=True)
     if args.transport == "ray":
         from commlib.ps.shard_ray import run_ray_sharded
 
@@ -168,7 +170,7 @@ def _run_sharded(args, task_spec: Dict[str, Any], scheme_cfg: Dict[str, Any], co
 
         result = run_inproc_sharded(task_spec, scheme_cfg, config, args.workers or 2, config.shards)
     else:
-        raise ConfigError("a sharded server runs on --transport torch (torchrun), local, ray or inproc; not mpi")
+        raise ConfigError(f"--transport {args.transport} cannot run a sharded server")
     shard_launch.write_job_output(args.out, result)
     return 0 if result["status"] == "done" else 1
 

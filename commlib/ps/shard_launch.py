@@ -2,7 +2,7 @@
 process is a rank of one process group (``commlib.ps.shard_net`` gives the layout).
 
 Under torchrun (``python -m commlib.ps --transport torch --shards K``, ``commlib/ps/launch.py``)
-every rank calls :func:`torch_rank_main`. :class:`ShardedProcessJob` starts the ranks itself on
+and under mpirun (``--transport mpi``) every rank calls :func:`rank_main`. :class:`ShardedProcessJob` starts the ranks itself on
 this machine (gloo on loopback, ``commlib.local.cluster``)::
 
     from commlib.ps.shard_launch import ShardedProcessJob
@@ -87,45 +87,69 @@ def _gather_on_rank0(out: str, task_spec: Mapping[str, Any], layout: ShardLayout
     write_job_output(out, collect_out(out, task_spec, layout))
 
 
-def torch_rank_main(layout: ShardLayout, task_spec: Mapping[str, Any], scheme_cfg: Mapping[str, Any],
-                    config: PSConfig, out: str, backend: Optional[str] = None, gather: bool = False) -> int:
-    """One rank of a sharded job on torch.distributed (the group is set up from torchrun's
-    environment if it is not yet). Writes its files to ``out`` and leaves the process with
-    ``os._exit`` (a gloo receiver thread may still be blocked; see ``commlib/ps/launch.py``).
-    ``gather``: rank 0 then writes the job's ``result.json`` and ``model.pt``."""
+def launched_world_size(transport: str) -> int:
+    """The number of ranks torchrun (``WORLD_SIZE``) or mpirun (``MPI.COMM_WORLD``) started."""
+    if transport == "mpi":
+        try:
+            from mpi4py import MPI
+        except ImportError as exc:  # pragma: no cover - mpi4py is in the 'mpi' extra
+            raise ConfigError("the MPI transport needs mpi4py (pip install 'commlib[mpi]')") from exc
+        return MPI.COMM_WORLD.Get_size()
+    return int(os.environ.get("WORLD_SIZE", "0"))
+
+
+def _physical(transport: str, layout: ShardLayout, backend: Optional[str]):
+    """This rank's endpoint of the job's transport (authenticated with the job secret)."""
+    if transport == "mpi":
+        from commlib.comm.mpi import MPITransport
+
+        return MPITransport()
     from commlib.comm.torch_dist import TorchDistTransport, init_from_env
 
+    owns = init_from_env(backend)
+    import torch.distributed as dist
+
+    # a worker process hears only from the shards; every queue holds a round of its workers' frames
+    peers = None if layout.is_shard(dist.get_rank()) else range(layout.k)
+    return TorchDistTransport(peers=peers, owns_group=owns, max_outbox=4 * layout.n + 64, close_timeout=5.0)
+
+
+def rank_main(layout: ShardLayout, task_spec: Mapping[str, Any], scheme_cfg: Mapping[str, Any],
+              config: PSConfig, out: str, *, transport: str = "torch", backend: Optional[str] = None,
+              gather: bool = False) -> int:
+    """One rank of a sharded job on torch.distributed (under torchrun, or started by
+    :class:`ShardedProcessJob`; the group is set up from the environment if it is not yet) or on
+    MPI (under mpirun). Writes its files to ``out``; ``gather``: rank 0 then writes the job's
+    ``result.json`` and ``model.pt``. On torch it leaves the process with ``os._exit`` (a gloo
+    receiver thread may still be blocked; see ``commlib/ps/launch.py``); on MPI it returns the
+    exit code (MPI must finalise)."""
     rc = 1
     physical = None
     try:
-        owns = init_from_env(backend)
-        import torch.distributed as dist
-
-        rank = dist.get_rank()
-        # a worker process hears only from the shards; every queue holds a round of its workers' frames
-        physical = TorchDistTransport(peers=None if layout.is_shard(rank) else range(layout.k), owns_group=owns,
-                                      max_outbox=4 * layout.n + 64, close_timeout=5.0)
-        write_output(out, rank, run_shard_process(physical, layout, task_spec, scheme_cfg, config))
-        if gather and rank == 0:
+        physical = _physical(transport, layout, backend)
+        write_output(out, physical.rank, run_shard_process(physical, layout, task_spec, scheme_cfg, config))
+        if gather and physical.rank == 0:
             _gather_on_rank0(out, task_spec, layout)
         rc = 0
     except BaseException:
         os.makedirs(out, exist_ok=True)
-        rank = int(os.environ.get("RANK", "-1"))
+        rank = physical.rank if physical is not None else os.environ.get("RANK", os.environ.get("PMI_RANK", "x"))
         with open(os.path.join(out, f"error{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
+        traceback.print_exc()
     finally:
         if physical is not None:
             physical.close()
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(rc)
-    return rc  # pragma: no cover
+        if transport != "mpi":
+            os._exit(rc)
+    return rc
 
 
 def _rank_entry(rank: int, world: int, layout_args: List[int], spec_json: str, out: str) -> None:
     spec = json.loads(spec_json)
-    torch_rank_main(ShardLayout(*layout_args), spec["task"], spec["scheme"], PSConfig.from_dict(spec["config"]), out)
+    rank_main(ShardLayout(*layout_args), spec["task"], spec["scheme"], PSConfig.from_dict(spec["config"]), out)
 
 
 def _exit_text(code: Optional[int]) -> str:
