@@ -10,7 +10,7 @@ import torch.nn as nn
 from commlib.aggregate.points import Part, Points, vectors_in_parts
 from commlib.errors import ConfigError
 from commlib.ps import InprocJob, PSConfig, Task, WorkerHooks
-from commlib.ps.shards import ShardExchange, shard_ranges
+from commlib.ps.shards import InprocShardExchange, shard_ranges
 from commlib.ps.sharded_local import ShardedInprocJob
 from ddp_jobs import Net, make_data, shard
 
@@ -77,7 +77,7 @@ def test_gram_and_distances_of_parts_sum_to_the_whole():
     x[2] *= 50  # a far row
     whole = Points(x)
     cuts = [0, 13, 29, 40]
-    ex = ShardExchange(3, timeout=10)
+    ex = InprocShardExchange(3, timeout=10)
     out = {}
 
     def part(i):

@@ -14,6 +14,7 @@ standard recovery from a dead rank), so crash tolerance needs the Ray or torch t
 """
 from __future__ import annotations
 
+import threading
 import time
 from typing import List, Optional, Tuple
 
@@ -58,6 +59,9 @@ class MPITransport(Transport):
         self.poll_interval = float(poll_interval)
         self.max_pending = int(max_pending)
         self._pending: List[Tuple[object, bytearray]] = []
+        # sends and receives may come from different threads (mpi4py initialises MPI with
+        # MPI_THREAD_MULTIPLE): the list of in-flight sends, whose buffers must stay alive, is shared
+        self._plock = threading.Lock()
 
     @classmethod
     def from_env(cls, **kw) -> "MPITransport":
@@ -66,12 +70,14 @@ class MPITransport(Transport):
     def _send(self, dst: int, data: bytes) -> bool:
         buf = bytearray(data)
         req = self.comm.Isend([buf, self._MPI.BYTE], dest=dst, tag=TAG)
-        self._pending.append((req, buf))
+        with self._plock:
+            self._pending.append((req, buf))
         self._prune()
         return True
 
     def _prune(self) -> None:
-        self._pending = [(r, b) for r, b in self._pending if not r.Test()]
+        with self._plock:
+            self._pending = [(r, b) for r, b in self._pending if not r.Test()]
 
     def _recv(self, timeout: Optional[float]) -> Optional[Received]:
         MPI = self._MPI
@@ -121,4 +127,5 @@ class MPITransport(Transport):
                     req.Cancel()
                 except Exception:  # an already matched send cannot be cancelled; MPI finalize handles it
                     pass
-        self._pending = []
+        with self._plock:
+            self._pending = []

@@ -42,6 +42,16 @@ def _entry(rank: int, world: int, port: int, fn: Callable, args: Sequence[Any], 
             dist.destroy_process_group()
 
 
+def start(fn: Callable, world: int, *args: Any, errdir: str, threads: int = 1,
+          start_method: str = "fork") -> "mp.ProcessContext":
+    """Start fn(rank, world, *args) on ``world`` local processes joined by gloo on loopback and
+    return at once (the context's ``processes`` and ``pids()``; the caller joins them)."""
+    if world < 1:
+        raise ValueError("world must be >= 1")
+    return mp.start_processes(_entry, args=(world, free_port(), fn, args, errdir, threads), nprocs=world,
+                              join=False, start_method=start_method)
+
+
 def launch(fn: Callable, world: int, *args: Any, errdir: str, threads: int = 1) -> None:
     """Run fn(rank, world, *args) on ``world`` local processes; raise WorkerFailure with the
     failing ranks' tracebacks if any of them dies."""

@@ -10,7 +10,8 @@ Other transports: ``python -m commlib.ps --transport torch|mpi`` under torchrun 
 and ``commlib.ps.ray_runner.run_ray`` on a local Ray or a Ray cluster. Many logical workers per
 process (virtual workers, ``commlib.ps.worker_group``): ``run_inproc_groups`` and
 ``commlib.ps.group_ray.run_ray_groups``. A sharded server (parameters split over k shards):
-``run_inproc_sharded``.
+``run_inproc_sharded`` (threads), ``commlib.ps.shard_launch.ShardedProcessJob`` (processes over
+gloo; ``--shards K`` under torchrun), ``commlib.ps.shard_ray.run_ray_sharded`` (Ray actors).
 """
 from commlib.ps.config import PSConfig, build_optimizer  # noqa: F401
 from commlib.ps.local import InprocJob, run_inproc  # noqa: F401

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import os
 import pickle
+import shutil
 from typing import Any, Dict, List
 
 import torch
@@ -48,11 +49,20 @@ def remove_stale_temps(path: str) -> List[str]:
     return removed
 
 
-def save_atomic(obj: Dict[str, Any], path: str) -> None:
-    """Write ``obj`` to ``path`` so that the file is always complete."""
+def save_atomic(obj: Dict[str, Any], path: str, keep_previous: bool = False) -> None:
+    """Write ``obj`` to ``path`` so that the file is always complete. ``keep_previous``: the
+    checkpoint it replaces stays as ``PATH.prev`` (a sharded server's shards may have to go back
+    one step to resume together: ``commlib.ps.shard_procs``)."""
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     remove_stale_temps(path)
+    if keep_previous and os.path.exists(path):
+        prev_tmp = f"{path}.prev.tmp.{os.getpid()}"
+        try:
+            os.link(path, prev_tmp)  # PATH itself stays in place throughout
+        except OSError:  # no hard links on this file system
+            shutil.copyfile(path, prev_tmp)
+        os.replace(prev_tmp, f"{path}.prev")
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "wb") as f:
         torch.save(obj, f)

@@ -71,6 +71,8 @@ class PSConfig:
         straggler_window: SR-SGC / M-SGC: W, the window of the bursty model.
         sgc_mu: SR-SGC / M-SGC: a round lasts at least (1 + sgc_mu) x its first push's time.
         coding_seed: seed of the random cyclic-repetition matrix.
+        shards: server processes the parameters are split over (size-balanced key ranges,
+            ``commlib/ps/shards.py``); 1: one server. Sync mode only, no gradient coding.
     """
 
     mode: str = "sync"
@@ -99,6 +101,7 @@ class PSConfig:
     straggler_window: int = 2
     sgc_mu: float = 0.2
     coding_seed: int = 0
+    shards: int = 1
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -122,6 +125,11 @@ class PSConfig:
             if self.mode != "sync":
                 raise ConfigError("gradient coding needs mode='sync'")
             coding_family(self.coding)
+        if int(self.shards) < 1:
+            raise ConfigError(f"shards must be >= 1, got {self.shards}")
+        if int(self.shards) > 1 and (self.mode != "sync" or self.coding is not None):
+            raise ConfigError("a sharded server (shards > 1) runs sync mode without gradient coding: the shards "
+                              "agree on each round's pushes (got mode=%r, coding=%r)" % (self.mode, self.coding))
         if int(self.straggler_tolerance) < 0:
             raise ConfigError(f"straggler_tolerance must be >= 0, got {self.straggler_tolerance}")
         if int(self.straggler_burst) < 1 or int(self.straggler_window) <= int(self.straggler_burst):

@@ -2,11 +2,20 @@
 
     torchrun --standalone --nproc_per_node 3 -m commlib.ps --transport torch --steps 50 --out runs/ps
     mpirun -n 3 python -m commlib.ps --transport mpi --mode async --steps 200 --out runs/ps
+    mpirun -n 5 python -m commlib.ps --transport mpi --shards 3 --workers 64 --out runs/ps   (sharded)
     python -m commlib.ps --transport ray --workers 4 [--address auto] --out runs/ps
     python -m commlib.ps --transport inproc --workers 4 --out runs/ps
 
+A sharded server (``--shards K``, parameters split over K server processes; ``commlib/ps/shards.py``):
+
+    torchrun --standalone --nproc_per_node 5 -m commlib.ps --transport torch --shards 3 --workers 64 --out runs/ps
+    python -m commlib.ps --transport local --shards 3 --workers 64 --procs 2 --out runs/ps
+    python -m commlib.ps --transport ray --shards 3 --workers 64 --procs 2 [--address auto] --out runs/ps
+
 Under torchrun and mpirun rank 0 serves and every other rank works; with ray and inproc this
-process serves and starts the workers (Ray actors, or threads).
+process serves and starts the workers (Ray actors, or threads). Sharded, ranks 0..K-1 are the
+shards and the other ranks (``--procs`` local processes or Ray actors) host the ``--workers``
+logical workers between them; ``local`` starts those ranks here, joined by gloo on loopback.
 
 Task, scheme and server options are JSON (``--task``, ``--scheme``, ``--ps``) with shortcuts for
 the common ones; every rank parses the same command line. The server writes
@@ -27,7 +36,7 @@ import torch
 from commlib.errors import CommlibError, ConfigError
 from commlib.ps.config import PSConfig
 
-TRANSPORT_CHOICES = ("torch", "mpi", "ray", "inproc")
+TRANSPORT_CHOICES = ("torch", "mpi", "ray", "inproc", "local")
 
 
 def _json_arg(text: str, what: str) -> Dict[str, Any]:
@@ -48,7 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--transport", choices=TRANSPORT_CHOICES, required=True)
     p.add_argument("--backend", default=None, help="torch transport: gloo (default on CPU) or nccl")
-    p.add_argument("--workers", type=int, default=2, help="ray / inproc: number of workers")
+    p.add_argument("--workers", type=int, default=None,
+                   help="ray / inproc / local: number of workers (default 2); sharded torchrun: logical workers "
+                        "(default: one per non-shard rank)")
+    p.add_argument("--shards", type=int, default=None, help="server shards (PSConfig.shards; default 1)")
+    p.add_argument("--procs", type=int, default=1, help="sharded local / ray: worker processes (actors)")
     p.add_argument("--address", default=None, help="ray: join this cluster (default: start a local Ray)")
     p.add_argument("--num-cpus", type=int, default=None, help="ray: CPUs of the local Ray")
     p.add_argument("--spread", action="store_true", help="ray: one CPU per worker actor, spread over the nodes")
@@ -78,6 +91,8 @@ def _config(args) -> PSConfig:
             d[key] = v
     if args.resume:
         d["resume"] = True
+    if args.shards is not None:
+        d["shards"] = args.shards
     if args.lr is not None:
         d.setdefault("optimizer", {})["lr"] = args.lr
     return PSConfig.from_dict(d)
@@ -128,6 +143,38 @@ def _run_driver(args, task_spec: Dict[str, Any], scheme_cfg: Dict[str, Any], con
     return 0 if result["status"] == "done" else 1
 
 
+def _run_sharded(args, task_spec: Dict[str, Any], scheme_cfg: Dict[str, Any], config: PSConfig) -> int:
+    """``--shards K`` (K > 1): the shards and the worker processes (``commlib/ps/shard_launch.py``)."""
+    from commlib.ps import shard_launch
+
+    if args.transport in ("torch", "mpi"):
+        from commlib.ps.shard_net import ShardLayout
+
+        world = shard_launch.launched_world_size(args.transport)
+        if world <= config.shards:
+            raise ConfigError(f"--shards {config.shards} needs more than {config.shards} ranks (the shards, then "
+                              f"the worker processes); this job has {world}")
+        layout = ShardLayout(config.shards, args.workers or world - config.shards, world - config.shards)
+        return shard_launch.rank_main(layout, task_spec, scheme_cfg, config, args.out, transport=args.transport,
+                                      backend=args.backend, gather=True)
+    if args.transport == "ray":
+        from commlib.ps.shard_ray import run_ray_sharded
+
+        result = run_ray_sharded(task_spec, scheme_cfg, config, args.workers or 2, procs=args.procs,
+                                 address=args.address, num_cpus=args.num_cpus, threads=args.threads)
+    elif args.transport == "local":
+        result = shard_launch.ShardedProcessJob(task_spec, scheme_cfg, config, args.workers or 2, procs=args.procs,
+                                                out=args.out).run()
+    elif args.transport == "inproc":
+        from commlib.ps.sharded_local import run_inproc_sharded
+
+        result = run_inproc_sharded(task_spec, scheme_cfg, config, args.workers or 2, config.shards)
+    else:
+        raise ConfigError(f"--transport {args.transport} cannot run a sharded server")
+    shard_launch.write_job_output(args.out, result)
+    return 0 if result["status"] == "done" else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(max(1, args.threads))
@@ -142,6 +189,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         task = build_task(task_spec)
         scheme = Scheme.from_config(scheme_cfg)
         os.makedirs(args.out, exist_ok=True)
+        if config.shards > 1:
+            from commlib.ps.shard_procs import check_sharding
+
+            check_sharding(config, task_spec, scheme_cfg)
+            return _run_sharded(args, task_spec, scheme_cfg, config)
+        if args.transport == "local":
+            raise ConfigError("--transport local starts the ranks of a sharded server (--shards K > 1); "
+                              "an unsharded job runs under torchrun, mpirun, ray or inproc")
+        if args.workers is None:
+            args.workers = 2
         if args.transport in ("ray", "inproc"):
             return _run_driver(args, task_spec, scheme_cfg, config)
         transport = _transport(args)

@@ -75,6 +75,9 @@ class ParameterServer:
         self.model = task.build_model() if isinstance(task, Task) else task
         self.keys, self.params = model_keys(self.model)
         self.shard = shard  # a sharded server (commlib/ps/shards.py): this shard's keys only
+        if shard is None and int(cfg.shards) > 1:
+            raise ConfigError(f"shards={cfg.shards}: run the sharded runners (--shards K, ShardedProcessJob, "
+                              "RayShardedJob, ShardedInprocJob), not one ParameterServer")
         if shard is not None:
             self.keys, self.params = shard.select(self.keys, self.params, cfg, scheme, self.task)
         self.numels = [p.numel() for p in self.params]
@@ -342,7 +345,7 @@ class ParameterServer:
 
     def save_checkpoint(self, path: str) -> None:
         self.members.make_durable()  # what this checkpoint holds is now durable
-        ckpt.save_atomic(self.state_dict(), path)
+        ckpt.save_atomic(self.state_dict(), path, keep_previous=self.shard is not None)
 
     def load_checkpoint(self, path: str) -> None:
         """Resume from ``path``: a new incarnation that continues from the saved step."""

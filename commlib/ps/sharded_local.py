@@ -13,7 +13,6 @@ the gradient once, and pushes each shard its keys' payloads.
 """
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -26,7 +25,7 @@ from commlib.errors import ConfigError, WorkerFailure
 from commlib.ps.config import PSConfig
 from commlib.ps.protocol import FrameKind
 from commlib.ps.server import ParameterServer
-from commlib.ps.shards import ShardExchange, ShardSpec, shard_ranges
+from commlib.ps.shards import InprocShardExchange, ShardSpec, shard_config, shard_ranges
 from commlib.ps.task import Task, build_task, model_keys
 from commlib.ps.worker import PSWorker, WorkerHooks, new_session
 from commlib.scheme import Scheme
@@ -47,38 +46,64 @@ class ShardedWorker:
                       for i, (ep, sc, r) in enumerate(zip(endpoints, schemes, ranges))]
         self.steps = 0
 
-    def run(self) -> List[Dict[str, Any]]:
-        """Work until every shard said SHUTDOWN (or stayed silent for ``worker_give_up``)."""
-        cfg = self.config
+    @property
+    def finished(self) -> bool:
+        return all(p.finished for p in self.parts)
+
+    def start(self) -> None:
+        """Say HELLO to every shard (the first thing a worker sends)."""
         for p in self.parts:
             p.start()
-        pending: List[Optional[tuple]] = [None] * len(self.parts)  # (frame, step) per shard
-        heard = [time.monotonic()] * len(self.parts)
-        while not all(p.finished for p in self.parts):
-            waiting = [i for i, p in enumerate(self.parts) if not p.finished and pending[i] is None]
-            for i, p in enumerate(self.parts):
-                if p.finished:
-                    continue
-                frame = p.next_frame(_POLL if waiting and i == waiting[0] else 0.0)
-                now = time.monotonic()
-                if frame is None:
-                    if now - heard[i] > cfg.worker_give_up:
-                        p.stats.status = "server lost"
-                    elif now - heard[i] > cfg.worker_timeout:
-                        p.say_hello()
-                        heard[i] = now - cfg.worker_timeout / 2  # ask again after half the timeout
-                    continue
-                heard[i] = now
-                step = p.accept(frame)
-                if frame.kind == FrameKind.SHUTDOWN:
-                    pending[i] = None
-                elif step is not None:
-                    pending[i] = (frame, step)  # its keys' parameters are loaded
-            live = [i for i, p in enumerate(self.parts) if not p.finished]
-            if live and all(pending[i] is not None for i in live) and len({pending[i][1] for i in live}) == 1:
-                self._compute([(i, pending[i]) for i in live])
-                pending = [None] * len(self.parts)
+        self._pending: List[Optional[tuple]] = [None] * len(self.parts)  # (frame, step) per shard
+        self._heard = [time.monotonic()] * len(self.parts)
+
+    def poll(self, timeout: float) -> bool:
+        """Look once at every shard's frames (waiting up to ``timeout`` on the first shard still
+        owing parameters); compute and push when every live shard sent PARAMS of one step.
+        True when a frame arrived."""
+        cfg, pending, heard = self.config, self._pending, self._heard
+        waiting = [i for i, p in enumerate(self.parts) if not p.finished and pending[i] is None]
+        progressed = False
+        for i, p in enumerate(self.parts):
+            if p.finished:
+                continue
+            frame = p.next_frame(timeout if waiting and i == waiting[0] else 0.0)
+            now = time.monotonic()
+            if frame is None:
+                if now - heard[i] > cfg.worker_give_up:
+                    p.stats.status = "server lost"
+                elif now - heard[i] > cfg.worker_timeout:
+                    p.say_hello()
+                    heard[i] = now - cfg.worker_timeout / 2  # ask again after half the timeout
+                continue
+            progressed = True
+            heard[i] = now
+            step = p.accept(frame)
+            if frame.kind == FrameKind.SHUTDOWN:
+                pending[i] = None
+            elif step is not None:
+                pending[i] = (frame, step)  # its keys' parameters are loaded
+        live = [i for i, p in enumerate(self.parts) if not p.finished]
+        if live and all(pending[i] is not None for i in live) and len({pending[i][1] for i in live}) == 1:
+            self._compute([(i, pending[i]) for i in live])
+            self._pending = [None] * len(self.parts)
+        return progressed
+
+    def stop(self, status: str) -> None:
+        """End every part that is still running with ``status`` (e.g. a shard is gone)."""
+        for p in self.parts:
+            if not p.finished:
+                p.stats.status = status
+
+    def report(self) -> List[Dict[str, Any]]:
         return [p.report() for p in self.parts]
+
+    def run(self) -> List[Dict[str, Any]]:
+        """Work until every shard said SHUTDOWN (or stayed silent for ``worker_give_up``)."""
+        self.start()
+        while not self.finished:
+            self.poll(_POLL)
+        return self.report()
 
     def _compute(self, work: List[tuple]) -> None:
         """One gradient at the parameters every shard sent, pushed to each shard in parts."""
@@ -110,10 +135,10 @@ class ShardedInprocJob:
         self.n, self.k = int(n_workers), int(shards)
         self.numels = [p.numel() for p in model_keys(self.task.build_model())[1]]
         self.ranges = shard_ranges(self.numels, self.k)
-        self.exchange = ShardExchange(self.k, timeout=4 * config.step_timeout + 30.0)
+        self.exchange = InprocShardExchange(self.k, timeout=4 * config.step_timeout + 30.0)
         self.hubs = [InprocHub(self.n + 1) for _ in range(self.k)]
         self.servers = [ParameterServer(self.hubs[i].endpoint(0), self.new_scheme(), self.task,
-                                        self._shard_config(i), shard=ShardSpec(i, self.k, r, self.exchange))
+                                        shard_config(self.config, i), shard=ShardSpec(i, self.k, r, self.exchange))
                         for i, r in enumerate(self.ranges)]
         self.workers = [ShardedWorker([h.endpoint(w + 1) for h in self.hubs], [self.new_scheme() for _ in self.hubs],
                                       self.task, config, self.ranges, (hooks or {}).get(w)) for w in range(self.n)]
@@ -121,11 +146,6 @@ class ShardedInprocJob:
 
     def new_scheme(self) -> Scheme:
         return self._scheme if isinstance(self._scheme, Scheme) else Scheme.from_config(self._scheme)
-
-    def _shard_config(self, i: int) -> PSConfig:
-        if not self.config.checkpoint:
-            return self.config
-        return dataclasses.replace(self.config, checkpoint=f"{self.config.checkpoint}.shard{i}")
 
     def _guard(self, name: str, fn, out: Dict[str, Any]) -> None:
         try:

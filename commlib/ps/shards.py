@@ -17,11 +17,14 @@ shard applies the same scheme's server half to its keys, so:
   that shard's scheme state, as for any push the server did not keep).
 
 Exactly-once bookkeeping and checkpoints are per shard (each shard has its own records and
-checkpoint file). :class:`ShardExchange` is the in-process meeting point of the shards.
+checkpoint file). :class:`ShardExchange` is where the shards meet: :class:`InprocShardExchange`
+for shards that are threads of one process, ``commlib.ps.shard_net.NetShardExchange`` for shards
+that are processes (the exchange travels over the job's authenticated transport).
 """
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 import torch
@@ -63,11 +66,34 @@ def shard_ranges(numels: Sequence[int], k: int) -> List[range]:
     return [range(a, b) for a, b in zip(edges, edges[1:])]
 
 
-class ShardExchange:
-    """Where ``k`` in-process shards meet: :meth:`allreduce` (sum in shard order, so every shard
-    gets the same bits) and :meth:`agree` (intersection of worker sets). Every shard makes the
-    same calls in the same order; a shard that does not come within ``timeout`` seconds ends the
-    run (CommlibError) rather than let the others apply different rounds."""
+class ShardExchange(ABC):
+    """Where the ``k`` shards meet. Every shard makes the same calls in the same order; every
+    shard gets the same result (bit for bit) or the call raises (CommlibError) and the run ends
+    rather than let the shards apply different rounds."""
+
+    k: int
+    exchanges: int
+
+    @abstractmethod
+    def allreduce(self, shard: int, t: torch.Tensor) -> torch.Tensor:
+        """The sum over the shards of ``t`` (added in shard order 0..k-1)."""
+
+    @abstractmethod
+    def agree(self, shard: int, workers: Set[int]) -> Set[int]:
+        """The workers every shard has (the intersection)."""
+
+
+def sum_in_shard_order(parts: List[torch.Tensor]) -> torch.Tensor:
+    """``parts[0] + parts[1] + ...``, added in that order (the same bits on every shard)."""
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out.add_(p.to(device=out.device, dtype=out.dtype))
+    return out
+
+
+class InprocShardExchange(ShardExchange):
+    """Where ``k`` in-process shards (threads) meet; a shard that does not come within
+    ``timeout`` seconds ends the run (CommlibError)."""
 
     def __init__(self, k: int, timeout: float = 60.0) -> None:
         self.k = int(k)
@@ -99,19 +125,19 @@ class ShardExchange:
             return out
 
     def allreduce(self, shard: int, t: torch.Tensor) -> torch.Tensor:
-        """The sum over the shards of ``t`` (added in shard order)."""
-
-        def total(parts: List[torch.Tensor]) -> torch.Tensor:
-            out = parts[0].clone()
-            for p in parts[1:]:
-                out.add_(p.to(device=out.device, dtype=out.dtype))
-            return out
-
-        return self._meet(shard, t.detach(), total).clone()  # type: ignore[union-attr]
+        return self._meet(shard, t.detach(), sum_in_shard_order).clone()  # type: ignore[union-attr]
 
     def agree(self, shard: int, workers: Set[int]) -> Set[int]:
-        """The workers every shard has (the intersection)."""
         return set(self._meet(shard, frozenset(workers), lambda sets: frozenset.intersection(*sets)))
+
+
+def shard_config(config: Any, index: int) -> Any:
+    """Shard ``index``'s server config: the same, with its own checkpoint ``<checkpoint>.shard<i>``."""
+    if not config.checkpoint:
+        return config
+    import dataclasses
+
+    return dataclasses.replace(config, checkpoint=f"{config.checkpoint}.shard{index}")
 
 
 class ShardSpec:
