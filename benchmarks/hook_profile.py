@@ -1,7 +1,9 @@
 """In-process profile of the DDP hook's all-gather path: encode and decode of realistic buckets,
 two simulated ranks, no network (the collective is a ``torch.stack`` of the two send buffers).
 
-Each timed piece is the library's own function called as the hook calls it, on the MLP of
+Each timed piece is the library's own function called as the hook calls it (decode twice: into
+the bucket, as with DDP's ``gradient_as_bucket_view=True``, and into the reused output buffer,
+as with DDP's default), on the MLP of
 benchmarks/bandwidth.py (64-w-w-10, w from the parameter count), DGC 99.9%, in DDP's bucket
 order (reverse parameter order, 25 MB cap, a tensor above the cap alone). Prints the median
 milliseconds per step of each piece (median of ``--repeats`` steps after ``--warmup``).
@@ -71,6 +73,7 @@ def profile(model: str, steps: int, warmup: int, cfg: dict) -> Dict[str, float]:
     gen = torch.Generator().manual_seed(0)
     bufs = [[torch.randn(sum(torch.Size(shapes[i]).numel() for i in g), generator=gen) for g in groups]
             for _ in range(n)]
+    outputs = [packed.OutputBuffer() for _ in groups]
     timer = Timer()
     per_step: Dict[str, List[float]] = {}
     for step in range(warmup + steps):
@@ -91,11 +94,19 @@ def profile(model: str, steps: int, warmup: int, cfg: dict) -> Dict[str, float]:
                 timer.run("seal", packed.seal, Message(payloads, sender=r, step=wk.step), send, False)
                 sends.append(send)
             rows = torch.stack(sends)
-            out = bufs[0][gi]
-            sections = list(torch.split(out, numels))
-            timer.run("decode_mean", packed.gathered_mean, rows, sections, step=workers[0].step, increments=False,
-                      checksum=False, max_abs=None, reject=lambda r: None)
-            timer.run("server_finish", server.finish, keys, sections, [len(s) <= 1 for s in gshapes])
+            # DDP's gradient_as_bucket_view=True: the mean is added into the bucket (zeroed first)
+            sections = list(torch.split(bufs[0][gi], numels))
+            timer.run("decode_into_bucket", packed.gathered_mean, rows, sections, step=workers[0].step,
+                      increments=False, checksum=False, max_abs=None, reject=lambda r: None)
+            # DDP's default: into the reused output buffer, reset where it was written last
+            out = outputs[gi]
+            t0 = time.perf_counter()
+            out.take(numels, rows.device)
+            touched = packed.gathered_mean(rows, out.sections, step=workers[0].step, increments=False,
+                                           checksum=False, max_abs=None, reject=lambda r: None, clear=out.clear)
+            dirs = server.finish(keys, out.sections, [len(s) <= 1 for s in gshapes])
+            out.done([t if d.data_ptr() == o.data_ptr() else None for t, d, o in zip(touched, dirs, out.sections)])
+            timer.t.setdefault("decode_into_output", []).append(time.perf_counter() - t0)
         for wk in workers:
             wk.end_step()
         server.end_step()
