@@ -7,9 +7,11 @@ with ``checksum``, each payload's CRC-32.
 Receive, mean aggregator: :func:`gathered_mean` adds every rank's payload for a tensor into its
 section of the bucket with one ``ops.unpack_scatter_add_`` per tensor (all ranks at once: the
 native kernel validates and scatters; no dense temporary per payload), then divides by the
-number of contributors. Rejections follow the slow path exactly: a rank whose message header or
-any payload is bad is left out of the whole group, counted once per step, and the group is
-re-added without it from zero. A tensor whose sum of valid payloads overflows float32 is
+number of contributors -- for a tensor whose payloads are all sparse only at the entries they
+carry. The sections are the bucket's (zeroed first) or an :class:`OutputBuffer`'s, which is reset
+only where the previous step wrote. Rejections follow the slow path exactly: a rank whose
+message header or any payload is bad is left out of the whole group, counted once per step, and
+the group is re-added without it from zero. A tensor whose sum of valid payloads overflows float32 is
 re-added in float64 (as ``SchemeServer.decode_group``).
 """
 from __future__ import annotations
