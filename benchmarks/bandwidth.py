@@ -114,9 +114,11 @@ def build_plan(quick: bool, cells: Dict[str, Tuple[str, ...]], max_step_s: float
                                     "est_comm_s": est})
                     continue
                 budget = {"1M": 3.0, "10M": 3.0, "50M": 5.0}[model] * (0.5 if quick else 1.0)
-                # warm-up: DDP rebuilds its buckets after step 1; torch's PowerSGD runs 2 plain steps first
+                # warm-up, 2 steps: DDP rebuilds its buckets after step 1, so step 2 is the first in which
+                # commlib's hook allocates its reused buffers for the final buckets (a one-time cost);
+                # torch's PowerSGD runs 2 plain steps first
                 runs.append(dict(base, steps={"1M": 60, "10M": 14, "50M": 8}[model],
-                                 warmup=2 if "powersgd" in scheme else 1, warmup_rate=None, max_s=budget,
+                                 warmup=2, warmup_rate=None, max_s=budget,
                                  min_steps=2 if est > 1 or model == "50M" else 3))
     for model in MODELS:  # the compute-only time of each model, measured once
         first = next((r for r in runs if r["model"] == model and "env" not in SCHEMES[r["scheme"]]), None)
