@@ -120,11 +120,15 @@ def build_plan(quick: bool, cells: Dict[str, Tuple[str, ...]], max_step_s: float
                 runs.append(dict(base, steps={"1M": 60, "10M": 14, "50M": 8}[model],
                                  warmup=2, warmup_rate=None, max_s=budget,
                                  min_steps=2 if est > 1 or model == "50M" else 3))
-    for model in MODELS:  # the compute-only time of each model, measured once
+    return runs, skipped
+
+
+def mark_compute(runs: List[Dict[str, Any]]) -> None:
+    """The compute-only time of each model is measured once, after the first run of it that will run."""
+    for model in MODELS:
         first = next((r for r in runs if r["model"] == model and "env" not in SCHEMES[r["scheme"]]), None)
         if first is not None:
             first["compute_steps"] = 5
-    return runs, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,6 +535,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         skipped = [s for s in skipped if s["scheme"] in keep]
     if args.bucket_view:
         runs = [dict(r, bucket_view=True) for r in runs]
+    mark_compute(runs)
     jobs = [("native", [r for r in runs if "env" not in SCHEMES[r["scheme"]]], {}),
             ("torch-ops", [r for r in runs if "env" in SCHEMES[r["scheme"]]], {"COMMLIB_NATIVE": "0"})]
     jobs = [j for j in jobs if j[1]]
