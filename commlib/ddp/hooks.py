@@ -217,7 +217,9 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
                grads_in_buf: bool = True) -> torch.futures.Future:
     """All-gather the message whose payloads are packed in ``send`` (after its header). The mean
     is added into ``buf`` when the gradients are its views (``grads_in_buf``), else into the
-    group's :class:`packed.OutputBuffer` (reset where it was written last, no bucket memset)."""
+    group's :class:`packed.OutputBuffer` (reset where it was written last, no bucket memset).
+    Either is cleared here, while the collective runs (the encode has read the gradients: every
+    payload is in ``send``), not in the callback, which runs on the collective's thread."""
     group = state.process_group
     n = state.world_size
     worker = state.worker
@@ -236,15 +238,23 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
     scheme = state.scheme
     fast_mean = scheme.aggregator.is_mean and scheme.attack is None and buf.dtype == torch.float32
     result = None if grads_in_buf or not fast_mean else state.output_buffer(tag)
+    out, sections = buf, []
+    if fast_mean:
+        if result is None:
+            buf.zero_()
+            sections = list(torch.split(buf, numels))
+        else:
+            out = result.take(numels, buf.device)
+            sections = result.sections
+            for j in range(len(sections)):
+                result.clear(j)
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         rows = recv.view(n, capacity)
         if fast_mean:
-            out = buf if result is None else result.take(numels, buf.device)
-            sections = result.sections if result is not None else list(torch.split(buf, numels))
             touched = packed.gathered_mean(rows, sections, step=step, increments=scheme.feedback.increments,
                                            checksum=checksum, max_abs=max_abs, reject=state.count_rejected,
-                                           clear=None if result is None else result.clear)
+                                           clear=packed.already_clear)
             dirs = server.finish(keys, sections, dense_flags)
             _write_back(out, numels, dirs)
             if result is not None:

@@ -124,6 +124,10 @@ def gathered_mean(rows: torch.Tensor, sections: Sequence[torch.Tensor], *, step:
     return touched
 
 
+def already_clear(j: int) -> None:
+    """``clear`` for :func:`gathered_mean` when the caller zeroed the sections beforehand."""
+
+
 def _touched(rows: torch.Tensor, heads: dict, j: int, ranks: Sequence[int]) -> Optional[torch.Tensor]:
     """The indices (int64) of the accepted payloads for tensor j, all ranks concatenated (repeats
     possible), when every one of them is SPARSE or SKIP; else None. The indices were validated
