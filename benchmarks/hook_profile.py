@@ -3,7 +3,7 @@ two simulated ranks, no network (the collective is a ``torch.stack`` of the two 
 
 Each timed piece is the library's own function called as the hook calls it (decode twice: into
 the bucket, as with DDP's ``gradient_as_bucket_view=True``, and into the reused output buffer,
-as with DDP's default), on the MLP of
+as with DDP's default; "clear" is what the hook does while the collective runs), on the MLP of
 benchmarks/bandwidth.py (64-w-w-10, w from the parameter count), DGC 99.9%, in DDP's bucket
 order (reverse parameter order, 25 MB cap, a tensor above the cap alone). Prints the median
 milliseconds per step of each piece (median of ``--repeats`` steps after ``--warmup``).
@@ -94,19 +94,27 @@ def profile(model: str, steps: int, warmup: int, cfg: dict) -> Dict[str, float]:
                 timer.run("seal", packed.seal, Message(payloads, sender=r, step=wk.step), send, False)
                 sends.append(send)
             rows = torch.stack(sends)
-            # DDP's gradient_as_bucket_view=True: the mean is added into the bucket (zeroed first)
+            # DDP's gradient_as_bucket_view=True: the mean is added into the bucket, zeroed in the hook
+            # while the collective runs ("clear"), then the callback's decode
             sections = list(torch.split(bufs[0][gi], numels))
+            timer.run("clear_bucket", bufs[0][gi].zero_)
             timer.run("decode_into_bucket", packed.gathered_mean, rows, sections, step=workers[0].step,
-                      increments=False, checksum=False, max_abs=None, reject=lambda r: None)
+                      increments=False, checksum=False, max_abs=None, reject=lambda r: None,
+                      clear=packed.already_clear)
             # DDP's default: into the reused output buffer, reset where it was written last
             out = outputs[gi]
             t0 = time.perf_counter()
             out.take(numels, rows.device)
+            for j in range(len(numels)):
+                out.clear(j)
+            t1 = time.perf_counter()
             touched = packed.gathered_mean(rows, out.sections, step=workers[0].step, increments=False,
-                                           checksum=False, max_abs=None, reject=lambda r: None, clear=out.clear)
+                                           checksum=False, max_abs=None, reject=lambda r: None,
+                                           clear=packed.already_clear)
             dirs = server.finish(keys, out.sections, [len(s) <= 1 for s in gshapes])
             out.done([t if d.data_ptr() == o.data_ptr() else None for t, d, o in zip(touched, dirs, out.sections)])
-            timer.t.setdefault("decode_into_output", []).append(time.perf_counter() - t0)
+            timer.t.setdefault("clear_output", []).append(t1 - t0)
+            timer.t.setdefault("decode_into_output", []).append(time.perf_counter() - t1)
         for wk in workers:
             wk.end_step()
         server.end_step()
