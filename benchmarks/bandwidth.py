@@ -114,15 +114,21 @@ def build_plan(quick: bool, cells: Dict[str, Tuple[str, ...]], max_step_s: float
                                     "est_comm_s": est})
                     continue
                 budget = {"1M": 3.0, "10M": 3.0, "50M": 5.0}[model] * (0.5 if quick else 1.0)
-                # warm-up: DDP rebuilds its buckets after step 1; torch's PowerSGD runs 2 plain steps first
+                # warm-up, 2 steps: DDP rebuilds its buckets after step 1, so step 2 is the first in which
+                # commlib's hook allocates its reused buffers for the final buckets (a one-time cost);
+                # torch's PowerSGD runs 2 plain steps first
                 runs.append(dict(base, steps={"1M": 60, "10M": 14, "50M": 8}[model],
-                                 warmup=2 if "powersgd" in scheme else 1, warmup_rate=None, max_s=budget,
+                                 warmup=2, warmup_rate=None, max_s=budget,
                                  min_steps=2 if est > 1 or model == "50M" else 3))
-    for model in MODELS:  # the compute-only time of each model, measured once
+    return runs, skipped
+
+
+def mark_compute(runs: List[Dict[str, Any]]) -> None:
+    """The compute-only time of each model is measured once, after the first run of it that will run."""
+    for model in MODELS:
         first = next((r for r in runs if r["model"] == model and "env" not in SCHEMES[r["scheme"]]), None)
         if first is not None:
             first["compute_steps"] = 5
-    return runs, skipped
 
 
 # ---------------------------------------------------------------------------------------------
@@ -494,6 +500,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--conv-steps", type=int, default=150, help="steps of the runs that measure time to accuracy")
     ap.add_argument("--max-step-s", type=float, default=6.0,
                     help="skip a dense scheme on a link where one step would take longer than this")
+    ap.add_argument("--bucket-view", action="store_true",
+                    help="build DDP with gradient_as_bucket_view=True (every scheme): the gradients are the "
+                         "buckets' views, so DDP copies no gradient in or out of its buckets")
     ap.add_argument("--timeout", type=float, default=1500.0, help="seconds one torchrun job may take")
     ap.add_argument("--out", default=str(RESULTS / "bandwidth.json"))
     args = ap.parse_args(argv)
@@ -524,6 +533,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         keep = set(args.schemes.split(","))
         runs = [r for r in runs if r["scheme"] in keep]
         skipped = [s for s in skipped if s["scheme"] in keep]
+    if args.bucket_view:
+        runs = [dict(r, bucket_view=True) for r in runs]
+    mark_compute(runs)
     jobs = [("native", [r for r in runs if "env" not in SCHEMES[r["scheme"]]], {}),
             ("torch-ops", [r for r in runs if "env" in SCHEMES[r["scheme"]]], {"COMMLIB_NATIVE": "0"})]
     jobs = [j for j in jobs if j[1]]
@@ -566,6 +578,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = build_rows(records, skipped)
     targets = evaluate_targets(rows)
     meta.update({"cells": {k: list(v) for k, v in cells.items()}, "hosts": args.hosts, "burst": args.burst,
+                 "gradient_as_bucket_view": bool(args.bucket_view),
                  "target_acc": TARGET_ACC, "quick": args.quick,
                  "link_goodput_bit_s": checks, "torch": torch.__version__, "python": platform.python_version(),
                  "kernel": platform.release(), "cpus": os.cpu_count(), "loadavg_before": load_before,
@@ -593,7 +606,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 def _notes(meta: Dict[str, Any]) -> str:
     gp = ", ".join(f"{RATE_LABEL[k]}: {v / 1e6:.0f} Mbit/s" for k, v in meta["link_goodput_bit_s"].items())
     return (f"{meta['hosts']} hosts (network namespaces, veth, tc tbf burst {meta['burst']}), one torchrun node each, "
-            f"gloo. Task: {meta['task']}. Step = median wall time of the measured steps on rank 0; CPU = median "
+            f"gloo. DDP gradient_as_bucket_view={meta.get('gradient_as_bucket_view', False)}. "
+            f"Task: {meta['task']}. Step = median wall time of the measured steps on rank 0; CPU = median "
             "CPU time of rank 0's training thread per step (forward, backward, the hook's encode, optimizer; far "
             "below the step when the link or a loaded machine is the bottleneck); wire bytes = bytes "
             f"rank 0's veth sent per step (TCP/IP headers and gloo control included). Time to "

@@ -237,10 +237,12 @@ def compute_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int)
 def run_one(run: Dict[str, Any], rank: int, world: int, data, tx: TxBytes, link: LinkControl) -> Dict[str, Any]:
     """Train one (model, scheme) run; every rank returns its own record.
 
-    Run keys: scheme, width, steps (at most), warmup (steps left out of the statistics, run at
-    ``warmup_rate``), rate (the link during measured steps), lr, momentum, batch, eval_every and
-    target (test accuracy every k steps, time to reach ``target``), max_s and min_steps (stop the
-    measured phase once it took max_s seconds and has min_steps steps), compute_steps, seed."""
+    Run keys: scheme, width, bucket_view (DDP's gradient_as_bucket_view), steps (at most), warmup (steps
+    left out of the statistics, run at ``warmup_rate``), rate (the link during measured steps), lr,
+    momentum, batch, eval_every and target (test accuracy every k steps, time to reach ``target``), max_s
+    and min_steps (stop the measured phase once it took max_s seconds and has min_steps steps),
+    compute_steps, seed.
+    """
     spec = SCHEMES[run["scheme"]]
     for k, v in spec.get("env", {}).items():
         if os.environ.get(k) != v:
@@ -257,7 +259,7 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, tx: TxBytes, link:
     cap = float(run.get("bucket_cap_mb", 25.0))
     if spec.get("baseline") == "powersgd":
         cap = max(cap, dense_bytes / 2**20 + 1)  # one bucket: torch's PowerSGD hook hangs on gloo otherwise
-    ddp = DDP(model, bucket_cap_mb=cap)
+    ddp = DDP(model, bucket_cap_mb=cap, gradient_as_bucket_view=bool(run.get("bucket_view", False)))
     worker_momentum = spec.get("momentum") == "worker"
     if worker_momentum:
         spec = dict(spec, scheme=dict(spec["scheme"], feedback_options={"momentum": run["momentum"]}))

@@ -48,10 +48,10 @@ def shard(x, y, rank, world, step, batch):
 
 def train(rank, world, scheme, steps, *, bucket_cap_mb=25.0, lr=0.05, momentum=0.0, accumulate=1,
           frozen=False, unused=False, batch=16, loss_scale=1.0, nan_at=None, corrupt_rank=None,
-          state_in=None, state_out=None, start_step=0, blocking=False):
+          state_in=None, state_out=None, start_step=0, blocking=False, bucket_view=False):
     x, y = make_data()
     model = Net(frozen=frozen, unused=unused)
-    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=unused)
+    ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=unused, gradient_as_bucket_view=bucket_view)
     opt = torch.optim.SGD(ddp.parameters(), lr=lr, momentum=momentum)
     hs = None
     if scheme is not None:

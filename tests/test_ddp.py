@@ -48,6 +48,19 @@ def test_no_sync_accumulation_frozen_and_unused_params(tmp_path):
 
 
 @pytest.mark.parametrize("cfg", [
+    {"compressor": "dgc", "ratio": 0.05, "feedback": "dgc"},
+    {"compressor": "topk", "ratio": 0.05, "feedback": "ef21"},
+])
+def test_mean_into_bucket_views_equals_mean_into_reused_output(tmp_path, cfg):
+    """DDP's gradient_as_bucket_view=True: the hook adds the mean into the bucket (the gradients);
+    the default: into a reused output buffer that is reset only where it was written the step
+    before. Every step, bit for bit the same model."""
+    views = _train(tmp_path, 2, cfg, 6, "views", bucket_cap_mb=0.01, bucket_view=True)
+    reused = _train(tmp_path, 2, cfg, 6, "reused", bucket_cap_mb=0.01)
+    assert _same(views[0]["model"], reused[0]["model"]) and _same(reused[0]["model"], reused[1]["model"])
+
+
+@pytest.mark.parametrize("cfg", [
     {"compressor": "dgc", "ratio": 0.05, "feedback": "ef21"},
     {"compressor": "topk", "ratio": 0.05, "feedback": "econtrol", "feedback_options": {"eta": 0.2}},
     {"compressor": "dgc", "ratio": 0.05, "feedback": "dgc", "warmup": "dgc", "steps_per_epoch": 2},

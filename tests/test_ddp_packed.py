@@ -146,3 +146,48 @@ def test_gathered_mean_rejects_a_flipped_bit_by_checksum(backend):
     assert rejected == [1]
     want, _ = _reference(rows, numels, Scheme("identity"))
     assert all(torch.equal(a, b) for a, b in zip(torch.split(bucket, numels), want))
+
+
+def _sparse_rows(n, numels, gen, step, dense_slot=None):
+    """n ranks' messages: sparse payloads (a fresh random support each call), dense at dense_slot."""
+    rows = torch.zeros(n, MESSAGE_HEADER_BYTES + sum(64 + 8 * m + 8 for m in numels), dtype=torch.uint8)
+    for r in range(n):
+        pl = []
+        for j, m in enumerate(numels):
+            if j == dense_slot:
+                pl.append(Payload.dense(torch.randn(m, generator=gen), slot=j))
+            else:
+                idx = torch.randperm(m, generator=gen)[: m // 10].sort().values
+                pl.append(Payload.sparse(idx, torch.randn(idx.numel(), generator=gen), m, slot=j))
+        Message(pl, sender=r, step=step).encode_into(rows[r])
+    return rows
+
+
+def test_output_buffer_reused_across_steps_equals_a_fresh_bucket(backend):
+    """The reused output resets only what it wrote last; every step must equal a zeroed bucket
+    (sparse supports change, a dense step, a rejected rank, a write from outside)."""
+    gen = torch.Generator().manual_seed(3)
+    numels = [500, 30, 200]
+    out = packed.OutputBuffer()
+    for step in range(6):
+        rows = _sparse_rows(3, numels, gen, step, dense_slot=2 if step == 2 else None)
+        if step == 3:
+            rows[1, MESSAGE_HEADER_BYTES + 64 + 4 * 3] ^= 0xFF  # an index of rank 1's first payload
+        fresh = torch.full((sum(numels),), 5.0)
+        rej_fresh, rej = [], []
+        packed.gathered_mean(rows, list(torch.split(fresh, numels)), step=step, increments=False, checksum=False,
+                             max_abs=None, reject=rej_fresh.append)
+        buf = out.take(numels, torch.device("cpu"))
+        touched = packed.gathered_mean(rows, out.sections, step=step, increments=False, checksum=False,
+                                       max_abs=None, reject=rej.append, clear=out.clear)
+        out.done(touched)
+        assert rej == rej_fresh == ([1] if step == 3 else [])
+        assert torch.equal(buf, fresh), step
+        assert touched[2] is None if step == 2 else touched[2] is not None
+        for t, sec in zip(touched, out.sections):  # nonzero only where it says
+            if t is not None:
+                rest = torch.ones(sec.numel(), dtype=torch.bool)
+                rest[t] = False
+                assert not sec[rest].any()
+        if step == 4:
+            buf[7] = 1.0  # someone else wrote into it: the next step must zero it whole

@@ -155,6 +155,11 @@ def test_bandwidth_plan_and_root_check(monkeypatch, capsys):
                for r in runs)
     conv = [r for r in runs if r.get("eval_every")]
     assert conv and all(r["model"] == "1M" and r["target"] == bandwidth.TARGET_ACC for r in conv)
+    # the compute-only step is measured once per model, in a run that is kept after the scheme filter
+    narrow = [r for r in bandwidth.build_plan(False, {"100mbit": ("10M", "50M")}, 6.0, 150)[0]
+              if r["scheme"] in ("allreduce", "dgc")]
+    bandwidth.mark_compute(narrow)
+    assert sorted(r["model"] for r in narrow if r.get("compute_steps")) == ["10M", "50M"]
     quick, _ = bandwidth.build_plan(True, {"unshaped": ("1M",), "100mbit": ("1M",)}, 10.0, 110)
     assert len(quick) == 2 * len(bandwidth.QUICK) - 1  # the pure-torch DGC row only at 100 Mbit/s
     monkeypatch.setattr(os, "geteuid", lambda: 1000)

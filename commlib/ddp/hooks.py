@@ -70,7 +70,8 @@ def run_group(state: HookState, tag, buf: torch.Tensor, params: Sequence[torch.T
         send = state.buffer(("ag-send", tag), capacity, torch.uint8, buf.device)
         payloads, _ = worker.encode_group_into(send, MESSAGE_HEADER_BYTES, keys, grads, shapes=shapes,
                                                params=flat_params)
-        fut = _allgather(state, tag, buf, keys, numels, payloads, dense_flags, send)
+        fut = _allgather(state, tag, buf, keys, numels, payloads, dense_flags, send,
+                         grads_in_buf=_grads_are_views(params, grads))
     state.end_bucket(is_last)
     if state.blocking:
         fut.wait()
@@ -91,6 +92,14 @@ def sync_gradients(state: HookState, params: Sequence[torch.Tensor]) -> None:
     out = run_group(state, "sync", buf, params, True).wait()
     for p, d in zip(params, torch.split(out, [p.numel() for p in params])):
         p.grad.copy_(d.view_as(p))
+
+
+def _grads_are_views(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor]) -> bool:
+    """Whether each ``p.grad`` is the bucket's own section (DDP's ``gradient_as_bucket_view``):
+    then the result must land in the bucket; otherwise DDP copies it into ``.grad`` from
+    whatever tensor the hook returns."""
+    return all(p.grad is not None and p.grad.data_ptr() == g.data_ptr() and p.grad.numel() == g.numel()
+               for p, g in zip(params, grads))
 
 
 def _dense_path(state: HookState, shapes: Sequence[Sequence[int]]) -> bool:
@@ -204,8 +213,13 @@ def _allreduce(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
 
 
 def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels: List[int],
-               payloads: List[Payload], dense_flags: List[bool], send: torch.Tensor) -> torch.futures.Future:
-    """All-gather the message whose payloads are packed in ``send`` (after its header)."""
+               payloads: List[Payload], dense_flags: List[bool], send: torch.Tensor,
+               grads_in_buf: bool = True) -> torch.futures.Future:
+    """All-gather the message whose payloads are packed in ``send`` (after its header). The mean
+    is added into ``buf`` when the gradients are its views (``grads_in_buf``), else into the
+    group's :class:`packed.OutputBuffer` (reset where it was written last, no bucket memset).
+    Either is cleared here, while the collective runs (the encode has read the gradients: every
+    payload is in ``send``), not in the callback, which runs on the collective's thread."""
     group = state.process_group
     n = state.world_size
     worker = state.worker
@@ -223,14 +237,30 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
 
     scheme = state.scheme
     fast_mean = scheme.aggregator.is_mean and scheme.attack is None and buf.dtype == torch.float32
+    result = None if grads_in_buf or not fast_mean else state.output_buffer(tag)
+    out, sections = buf, []
+    if fast_mean:
+        if result is None:
+            buf.zero_()
+            sections = list(torch.split(buf, numels))
+        else:
+            out = result.take(numels, buf.device)
+            sections = result.sections
+            for j in range(len(sections)):
+                result.clear(j)
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         rows = recv.view(n, capacity)
         if fast_mean:
-            sections = list(torch.split(buf, numels))
-            packed.gathered_mean(rows, sections, step=step, increments=scheme.feedback.increments,
-                                 checksum=checksum, max_abs=max_abs, reject=state.count_rejected)
-            return _write_back(buf, numels, server.finish(keys, sections, dense_flags))
+            touched = packed.gathered_mean(rows, sections, step=step, increments=scheme.feedback.increments,
+                                           checksum=checksum, max_abs=max_abs, reject=state.count_rejected,
+                                           clear=packed.already_clear)
+            dirs = server.finish(keys, sections, dense_flags)
+            _write_back(out, numels, dirs)
+            if result is not None:
+                result.done([t if d.data_ptr() == s.data_ptr() else None
+                             for t, d, s in zip(touched, dirs, sections)])
+            return out
         received: List[List[Optional[Payload]]] = []
         for r in range(n):
             try:

@@ -7,9 +7,11 @@ with ``checksum``, each payload's CRC-32.
 Receive, mean aggregator: :func:`gathered_mean` adds every rank's payload for a tensor into its
 section of the bucket with one ``ops.unpack_scatter_add_`` per tensor (all ranks at once: the
 native kernel validates and scatters; no dense temporary per payload), then divides by the
-number of contributors. Rejections follow the slow path exactly: a rank whose message header or
-any payload is bad is left out of the whole group, counted once per step, and the group is
-re-added without it from zero. A tensor whose sum of valid payloads overflows float32 is
+number of contributors -- for a tensor whose payloads are all sparse only at the entries they
+carry. The sections are the bucket's (zeroed first) or an :class:`OutputBuffer`'s, which is reset
+only where the previous step wrote. Rejections follow the slow path exactly: a rank whose
+message header or any payload is bad is left out of the whole group, counted once per step, and
+the group is re-added without it from zero. A tensor whose sum of valid payloads overflows float32 is
 re-added in float64 (as ``SchemeServer.decode_group``).
 """
 from __future__ import annotations
@@ -57,14 +59,14 @@ def _headers_ok(rows: torch.Tensor, count: int, step: int) -> List[int]:
 
 
 def _add_all(rows: torch.Tensor, sections: Sequence[torch.Tensor], used: Sequence[int], checksum: bool,
-             max_abs: Optional[float]) -> tuple:
-    """Zero the sections and add every rank with used[r] >= 0 into them, tensor by tensor.
-    Returns (start offsets per tensor, ranks rejected) -- the latter empty on success."""
+             max_abs: Optional[float], clear: Callable[[int], None]) -> tuple:
+    """Clear the sections (``clear(j)``) and add every rank with used[r] >= 0 into them, tensor by
+    tensor. Returns (start offsets per tensor, ranks rejected) -- the latter empty on success."""
     n = rows.size(0)
     offs = [MESSAGE_HEADER_BYTES if used[r] >= 0 else -1 for r in range(n)]
     starts = []
     for j, sec in enumerate(sections):
-        sec.zero_()
+        clear(j)
         starts.append(offs)
         res = ops.unpack_scatter_add_(sec, rows, offs, slot=j, finite="reject", on_error="skip",
                                       require_checksum=checksum, max_abs=max_abs)
@@ -76,30 +78,37 @@ def _add_all(rows: torch.Tensor, sections: Sequence[torch.Tensor], used: Sequenc
 
 
 def gathered_mean(rows: torch.Tensor, sections: Sequence[torch.Tensor], *, step: int, increments: bool,
-                  checksum: bool, max_abs: Optional[float], reject: Callable[[int], None]) -> None:
+                  checksum: bool, max_abs: Optional[float], reject: Callable[[int], None],
+                  clear: Optional[Callable[[int], None]] = None) -> List[Optional[torch.Tensor]]:
     """The mean aggregator over all-gathered messages, written into ``sections`` (float32 views of
     the bucket, one per tensor). rows: (ranks, capacity) uint8, row r = rank r's message.
-    ``reject(r)`` is called once for each rank left out."""
+    ``reject(r)`` is called once for each rank left out. ``clear(j)`` zeroes section j before the
+    first sum (default ``sections[j].zero_()``; an :class:`OutputBuffer` resets only what it
+    wrote last). Returns, per section, the int64 indices of the only entries that may be nonzero
+    (every accepted payload sparse), or None where the whole section may be."""
     n, cap = rows.shape
     used = _headers_ok(rows, len(sections), step)
     out: Set[int] = {r for r in range(n) if used[r] < 0}
     for r in sorted(out):
         reject(r)
+    first = clear if clear is not None else (lambda j: sections[j].zero_())
     while True:
-        starts, bad = _add_all(rows, sections, used, checksum, max_abs)
+        starts, bad = _add_all(rows, sections, used, checksum, max_abs, first)
         if not bad:
             break
+        first = lambda j: sections[j].zero_()  # noqa: E731  (a partial sum may be anywhere)
         for r in sorted(bad):  # leave the rank out of the whole group and add again from zero
             used[r] = -1
             reject(r)
     ranks = [r for r in range(n) if used[r] >= 0]
     heads = _payload_headers(rows, starts, ranks)
+    touched = [_touched(rows, heads, j, ranks) for j in range(len(sections))]
     divs = []
     for j, sec in enumerate(sections):
         div = mean_divisor(n, sum(1 for r in ranks if heads[j, r]["kind"] != Kind.SKIP), increments)
         divs.append(div)
         if div:
-            sec.div_(div)
+            _divide(sec, div, touched[j])
     # Valid payloads are finite in float32, but a sum of several can overflow. Only possible when
     # some |value * scale| exceeds FLT_MAX / (2n): the bound reads the payloads' values (nnz
     # entries, one sync), not the bucket; past it the exact check and a float64 redo follow.
@@ -111,6 +120,80 @@ def gathered_mean(rows: torch.Tensor, sections: Sequence[torch.Tensor], *, step:
             exact = torch.zeros(sec.numel(), dtype=torch.float64, device=sec.device)
             ops.unpack_scatter_add_(exact, rows, starts[j], slot=j, require_checksum=checksum, max_abs=max_abs)
             sec.copy_(exact.div_(divs[j]) if divs[j] else exact)
+            touched[j] = None
+    return touched
+
+
+def already_clear(j: int) -> None:
+    """``clear`` for :func:`gathered_mean` when the caller zeroed the sections beforehand."""
+
+
+def _touched(rows: torch.Tensor, heads: dict, j: int, ranks: Sequence[int]) -> Optional[torch.Tensor]:
+    """The indices (int64) of the accepted payloads for tensor j, all ranks concatenated (repeats
+    possible), when every one of them is SPARSE or SKIP; else None. The indices were validated
+    by the unpack (in range)."""
+    parts = []
+    for r in ranks:
+        h = heads[j, r]
+        if h["kind"] == Kind.SKIP:
+            continue
+        if h["kind"] != Kind.SPARSE:
+            return None
+        pos = h["start"] + PAYLOAD_HEADER_BYTES
+        parts.append(rows[r, pos:pos + 4 * h["nnz"]].view(torch.int32))
+    if not parts:
+        return torch.zeros(0, dtype=torch.int64, device=rows.device)
+    return torch.cat(parts).to(torch.int64)
+
+
+def _divide(sec: torch.Tensor, div: int, touched: Optional[torch.Tensor]) -> None:
+    """sec /= div, bit for bit; with ``touched`` (the only entries that may be nonzero; 0 / div
+    stays +0) only there: the same float32 division on nnz entries instead of the whole section.
+    Repeated indices write the same quotient (every value is read before any is written)."""
+    if touched is None:
+        sec.div_(div)
+    elif touched.numel():
+        sec.index_copy_(0, touched, sec.index_select(0, touched).div_(div))
+
+
+class OutputBuffer:
+    """The hook's result for one bucket when the gradients are not views of the bucket (DDP's
+    default ``gradient_as_bucket_view=False``: DDP copies the result into ``.grad`` either way).
+    Between steps it stays zero except where the last result was written, so a sparse mean
+    resets those entries (``clear``) instead of zeroing the whole bucket. Anything else that
+    writes into it (its version counter moves) makes the next ``clear`` zero it whole."""
+
+    def __init__(self) -> None:
+        self.buf: Optional[torch.Tensor] = None
+        self.numels: tuple = ()
+        self.sections: List[torch.Tensor] = []
+        self.written: List[Optional[torch.Tensor]] = []  # per section: indices, or None (anywhere)
+        self.version = -1
+
+    def take(self, numels: Sequence[int], device: torch.device) -> torch.Tensor:
+        """The flat float32 output for this layout (its sections in ``self.sections``)."""
+        numels = tuple(int(m) for m in numels)
+        if self.buf is None or self.buf.device != device or self.buf.numel() != sum(numels):
+            self.buf = torch.zeros(sum(numels), dtype=torch.float32, device=device)
+            self.written = [torch.zeros(0, dtype=torch.int64, device=device) for _ in numels]
+        elif numels != self.numels or self.buf._version != self.version:
+            self.written = [None] * len(numels)  # another layout, or written by someone else
+        self.numels = numels
+        self.sections = list(torch.split(self.buf, list(numels)))
+        return self.buf
+
+    def clear(self, j: int) -> None:
+        """Zero section j: only the entries written last time when they are known."""
+        idx = self.written[j]
+        if idx is None:
+            self.sections[j].zero_()
+        elif idx.numel():
+            self.sections[j].index_fill_(0, idx, 0.0)
+
+    def done(self, written: Sequence[Optional[torch.Tensor]]) -> None:
+        """Record where this step's result may be nonzero (call after the last write)."""
+        self.written = list(written)
+        self.version = self.buf._version
 
 
 def _payload_headers(rows: torch.Tensor, starts: Sequence[Sequence[int]], ranks: Sequence[int]) -> dict:
@@ -130,16 +213,18 @@ def _payload_headers(rows: torch.Tensor, starts: Sequence[Sequence[int]], ranks:
 
 
 def _peak(rows: torch.Tensor, heads: dict) -> float:
-    """max |value * scale| over the accepted payloads (their values only: one cat, one sync)."""
-    views, scales, counts = [], [], []
+    """max |value * scale| over the accepted payloads: max |value| per payload on the device (no
+    temporary copy of the values), one sync, then times |scale| on the host (monotone, so the
+    same maximum as entry by entry in float64)."""
+    peaks, scales = [], []
     for (_j, r), h in heads.items():
         if h["nnz"] == 0 or h["kind"] not in (Kind.SPARSE, Kind.DENSE):
             continue
         pos = h["start"] + PAYLOAD_HEADER_BYTES + index_bytes(Kind(h["kind"]), h["nnz"])
-        views.append(rows[r, pos:pos + h["nnz"] * itemsize(h["dtype"])].view(h["dtype"]).to(torch.float64))
-        scales.append(h["scale"])
-        counts.append(h["nnz"])
-    if not views:
+        vals = rows[r, pos:pos + h["nnz"] * itemsize(h["dtype"])].view(h["dtype"])
+        peaks.append(torch.linalg.vector_norm(vals, float("inf")).to(torch.float64) if vals.is_floating_point()
+                     else vals.to(torch.float64).abs().amax())
+        scales.append(abs(h["scale"]))
+    if not peaks:
         return 0.0
-    scale = torch.repeat_interleave(torch.tensor(scales, dtype=torch.float64), torch.tensor(counts))
-    return float((torch.cat(views).abs() * scale.to(rows.device)).max())
+    return max(p * s for p, s in zip(torch.stack(peaks).tolist(), scales))

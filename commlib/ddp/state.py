@@ -12,7 +12,7 @@ from typing import Any, Dict, Mapping, Optional, Set
 import torch
 import torch.distributed as dist
 
-from commlib.ddp import checks
+from commlib.ddp import checks, packed
 from commlib.errors import ConfigError
 from commlib.scheme import CommStats, Scheme
 
@@ -49,6 +49,7 @@ class HookState:
         self._in_step = False
         self._lock = threading.Lock()
         self._buffers: Dict[Any, torch.Tensor] = {}
+        self._outputs: Dict[Any, packed.OutputBuffer] = {}
         self.rejected_by_rank: Dict[int, int] = {}
         self.hook_runs = 0  # communication rounds this state has run (0: the hook never ran)
         self._checked_optimizers: "weakref.WeakSet[torch.optim.Optimizer]" = weakref.WeakSet()
@@ -120,6 +121,13 @@ class HookState:
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
         return buf[:numel]
+
+    def output_buffer(self, tag: Any) -> packed.OutputBuffer:
+        """The reusable result buffer of one group (see :class:`commlib.ddp.packed.OutputBuffer`)."""
+        out = self._outputs.get(tag)
+        if out is None:
+            out = self._outputs[tag] = packed.OutputBuffer()
+        return out
 
     # -- step bookkeeping (main thread only) -----------------------------------------------
     def begin_bucket(self) -> None:

@@ -241,8 +241,13 @@ std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Te
     uint32_t slot;
   };
   std::vector<Src> srcs;
-  Tensor hdr = at::empty({kHeaderBytes}, at::kByte);
   const uint8_t* dev = bufs.data_ptr<uint8_t>();
+  // Every rank's header to the host in one copy (device-to-device gathers, then one sync).
+  auto header_fits = [&](int64_t r) { return off[r] >= 0 && off[r] % 8 == 0 && off[r] + kHeaderBytes <= cap; };
+  Tensor heads = at::empty({ranks, kHeaderBytes}, bufs.options());  // rows that do not fit stay unread
+  for (int64_t r = 0; r < ranks; ++r)
+    if (header_fits(r)) heads[r].copy_(bufs[r].narrow(0, off[r], kHeaderBytes));
+  const Tensor heads_host = heads.cpu();
   // Headers (and checksummed bodies) are checked on the host, like the CPU path does.
   for (int64_t r = 0; r < ranks; ++r) {
     if (off[r] < 0) continue;
@@ -256,14 +261,14 @@ std::vector<Verdict> unpack_scatter_add(Tensor out, const Tensor& bufs, const Te
       v.msg = "truncated payload: " + std::to_string(cap - off[r]) + " bytes left, header needs 64";
       continue;
     }
-    hdr.copy_(bufs[r].narrow(0, off[r], kHeaderBytes));
+    const uint8_t* hdr = heads_host.data_ptr<uint8_t>() + r * kHeaderBytes;
     Header h;
-    v.msg = check_layout(hdr.data_ptr<uint8_t>(), 0, cap - off[r], require_checksum, &h);
+    v.msg = check_layout(hdr, 0, cap - off[r], require_checksum, &h);
     if (!v.msg.empty()) continue;
     if (h.flags & kFlagChecksum) {
       const Tensor body = bufs[r].narrow(0, off[r] + kHeaderBytes, h.body).cpu();
       uint8_t zeroed[kHeaderBytes];
-      std::memcpy(zeroed, hdr.data_ptr<uint8_t>(), kHeaderBytes);
+      std::memcpy(zeroed, hdr, kHeaderBytes);
       std::memset(zeroed + kCrcAt, 0, 4);
       if (cpu::crc32(cpu::crc32(0, zeroed, kHeaderBytes), body.data_ptr<uint8_t>(), h.body) != h.crc) {
         v.msg = "payload checksum mismatch";
