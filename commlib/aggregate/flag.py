@@ -191,21 +191,25 @@ class FlagAggregator(RobustAggregator):
         if not self.cache_init:
             return _ZRows(points.d, r, self.seed, points.dtype, points.device, None)
         key = (points.d, r, self.seed, points.dtype, str(points.device))
-        if key not in self._z:
+        # one read of the cache: DDP runs buckets' callbacks on other threads, which may replace it
+        entry = self._z.get(key)
+        if entry is None:
             zt = flag_init_matrix(points.d, r, self.seed).t().contiguous().to(dtype=points.dtype, device=points.device)
-            ztz = _chunked_gram(zt)
-            self._z = {key: (zt, ztz)}
-        zt, ztz = self._z[key]
+            entry = (zt, _chunked_gram(zt))
+            self._z = {key: entry}
+        zt, ztz = entry
         return _ZRows(points.d, r, self.seed, points.dtype, points.device, zt, ztz)
 
     def _z_rows_of_part(self, points: Points, r: int, part: Part) -> _ZRows:
         """Rows ``[offset, offset + d)`` of the whole vectors' Z, and the whole Z^T Z."""
         key = (part.total, part.offset, points.d, r, self.seed, points.dtype, str(points.device))
-        if key not in self._z:
+        entry = self._z.get(key)  # one read, as in _z_rows
+        if entry is None:
             z = flag_init_matrix(part.total, r, self.seed)[part.offset: part.offset + points.d]
             zt = z.t().contiguous().to(dtype=points.dtype, device=points.device)
-            self._z = {key: (zt, part.allreduce(_chunked_gram(zt)))}
-        zt, ztz = self._z[key]
+            entry = (zt, part.allreduce(_chunked_gram(zt)))
+            self._z = {key: entry}
+        zt, ztz = entry
         if not self.cache_init:
             self._z = {}
         return _ZRows(points.d, r, self.seed, points.dtype, points.device, zt, ztz)
