@@ -348,3 +348,26 @@ def test_shards_that_cannot_reach_one_step_all_refuse_and_none_changes_its_check
     assert ckpt.load(paths[0] + ".prev")["version"] == 2
     for r in routers:
         r.close()
+
+
+def test_finite_parts_whose_sum_overflows_end_the_exchange_instead_of_handing_on_inf():
+    # each part passes the finite check, but their sum is Inf: no rule may see it (a Gram matrix
+    # with Inf gives NaN distances and NaN weights); every shard stops with a clear error
+    lay, hub, routers = _world()
+    ex = [NetShardExchange(routers[i], timeout=10) for i in range(2)]
+    out = {}
+
+    def shard(i):
+        try:
+            out[i] = ex[i].allreduce(i, torch.full((3, 3), 1e308, dtype=torch.float64))
+        except CommlibError as exc:
+            out[i] = exc
+
+    threads = [threading.Thread(target=shard, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert all(isinstance(out[i], CommlibError) and "NaN or Inf" in str(out[i]) for i in range(2)), out
+    for r in routers:
+        r.close()
