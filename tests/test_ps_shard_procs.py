@@ -371,3 +371,30 @@ def test_finite_parts_whose_sum_overflows_end_the_exchange_instead_of_handing_on
     assert all(isinstance(out[i], CommlibError) and "NaN or Inf" in str(out[i]) for i in range(2)), out
     for r in routers:
         r.close()
+
+
+def test_an_unreadable_previous_checkpoint_makes_every_shard_refuse_together(tmp_path):
+    lay, hub, routers = _world()
+    paths = [str(tmp_path / f"ck.shard{i}") for i in range(2)]
+    for i, steps in enumerate([(2, 3), (2,)]):
+        for s in steps:
+            ckpt.save_atomic({"format": ckpt.FORMAT, "version": s}, paths[i], keep_previous=True)
+    with open(paths[0] + ".prev", "wb") as f:
+        f.write(b"not a checkpoint")
+    got, errors = _align_all(routers, paths)
+    assert got == {} and sorted(errors) == [0, 1] and all("UNEXPECTED" not in e for e in errors.values()), errors
+    assert [ckpt.load(p)["version"] for p in paths] == [3, 2]
+    for r in routers:
+        r.close()
+
+
+def test_a_save_removes_stale_temporary_files_of_the_previous_checkpoint(tmp_path):
+    path = str(tmp_path / "ck.shard0")
+    ckpt.save_atomic({"format": ckpt.FORMAT, "version": 1}, path, keep_previous=True)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"{path}.prev.tmp.{dead.pid}"  # a save that died between its link and its rename
+    open(stale, "wb").close()
+    ckpt.save_atomic({"format": ckpt.FORMAT, "version": 2}, path, keep_previous=True)
+    assert not os.path.exists(stale)
+    assert ckpt.load(path + ".prev")["version"] == 1 and ckpt.load(path)["version"] == 2
