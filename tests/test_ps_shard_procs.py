@@ -398,3 +398,24 @@ def test_a_save_removes_stale_temporary_files_of_the_previous_checkpoint(tmp_pat
     ckpt.save_atomic({"format": ckpt.FORMAT, "version": 2}, path, keep_previous=True)
     assert not os.path.exists(stale)
     assert ckpt.load(path + ".prev")["version"] == 1 and ckpt.load(path)["version"] == 2
+
+
+def test_a_shard_refuses_a_checkpoint_written_for_other_keys(tmp_path):
+    # e.g. --shards changed between the run and its resume: shard 1's file holds other keys'
+    # values and optimizer state; loading it would silently mix trained and untrained keys
+    from commlib.ps import ParameterServer, build_task
+    from commlib.ps.shards import ShardSpec
+    from commlib.scheme import Scheme
+
+    path = str(tmp_path / "ck.shard1")
+
+    def server(spec, **kw):
+        config = PSConfig(steps=2, shards=1, checkpoint=path, **kw)
+        return ParameterServer(InprocHub(3).endpoint(0), Scheme.from_config(MEAN), build_task(TASK), config, shard=spec)
+
+    server(ShardSpec(1, 2, range(2, 4), None)).save_checkpoint(path)
+    server(ShardSpec(1, 2, range(2, 4), None), resume=True)  # the same layout resumes
+    with pytest.raises(ConfigError, match="checkpoint was written for shard"):
+        server(ShardSpec(1, 3, range(3, 5), None), resume=True)
+    with pytest.raises(ConfigError, match="checkpoint was written for shard"):
+        server(None, resume=True)
