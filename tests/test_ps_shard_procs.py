@@ -419,3 +419,15 @@ def test_a_shard_refuses_a_checkpoint_written_for_other_keys(tmp_path):
         server(ShardSpec(1, 3, range(3, 5), None), resume=True)
     with pytest.raises(ConfigError, match="checkpoint was written for shard"):
         server(None, resume=True)
+
+
+def test_a_sharded_mpi_rank_refuses_an_mpi_without_thread_multiple():
+    # the router's pump receives while the server thread sends: MPI must allow calls from both
+    code = ("import mpi4py; mpi4py.rc.thread_level = 'serialized'\n"
+            "from commlib.errors import ConfigError\n"
+            "from commlib.ps.shard_launch import _physical\n"
+            "from commlib.ps.shard_net import ShardLayout\n"
+            "try:\n    _physical('mpi', ShardLayout(1, 1, 1), None)\nexcept ConfigError as exc:\n    print('REFUSED', exc)\n")
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert "REFUSED" in out.stdout and "MPI_THREAD_MULTIPLE" in out.stdout, out.stdout + out.stderr
