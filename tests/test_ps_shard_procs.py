@@ -329,6 +329,12 @@ def test_a_shard_that_died_before_its_first_checkpoint_resumes_with_the_others_f
     got, errors = _align_all(routers, paths)
     assert errors == {} and got == {0: -1, 1: -1}
     assert not os.path.exists(paths[0]) and not os.path.exists(paths[1])
+    # two checkpoints ahead of a shard that has none: refused by both, nothing removed
+    for step in (1, 2):
+        ckpt.save_atomic({"format": ckpt.FORMAT, "version": step}, paths[0], keep_previous=True)
+    got, errors = _align_all(routers, paths)
+    assert got == {} and sorted(errors) == [0, 1] and all("UNEXPECTED" not in e for e in errors.values()), errors
+    assert ckpt.load(paths[0])["version"] == 2 and ckpt.load(paths[0] + ".prev")["version"] == 1
     for r in routers:
         r.close()
 

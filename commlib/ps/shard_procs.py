@@ -54,8 +54,6 @@ def align_resume(exchange: NetShardExchange, path: str) -> int:
         have = _checkpoint_step(prev) if back else mine
     except ConfigError:  # an unreadable PATH.prev: this shard cannot go back (said to the others first)
         have = -2
-    if back and target < 0 and os.path.exists(prev):
-        have = -2  # a previous checkpoint, but the others have none: not the same start
     ready = [bool(v) for v in _one_value_each(exchange, float(have == target))]
     if not all(ready):
         raise ConfigError(f"shard {exchange.index}: the shards' checkpoints are at steps {steps} and shard(s) "
