@@ -433,7 +433,8 @@ def test_a_sharded_mpi_rank_refuses_an_mpi_without_thread_multiple():
             "from commlib.errors import ConfigError\n"
             "from commlib.ps.shard_launch import _physical\n"
             "from commlib.ps.shard_net import ShardLayout\n"
-            "try:\n    _physical('mpi', ShardLayout(1, 1, 1), None)\nexcept ConfigError as exc:\n    print('REFUSED', exc)\n")
+            "try:\n    _physical('mpi', ShardLayout(1, 1, 1), None)\n"
+            "except ConfigError as exc:\n    print('REFUSED', exc)\n")
     env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
     assert "REFUSED" in out.stdout and "MPI_THREAD_MULTIPLE" in out.stdout, out.stdout + out.stderr
