@@ -56,6 +56,8 @@ def save_atomic(obj: Dict[str, Any], path: str, keep_previous: bool = False) -> 
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     remove_stale_temps(path)
+    if keep_previous:
+        remove_stale_temps(f"{path}.prev")
     if keep_previous and os.path.exists(path):
         prev_tmp = f"{path}.prev.tmp.{os.getpid()}"
         try:

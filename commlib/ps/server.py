@@ -35,7 +35,7 @@ from commlib.ps.config import PSConfig, build_optimizer
 from commlib.ps.membership import BOOKKEEPING, Membership, WorkerRecord  # noqa: F401  (re-exported)
 from commlib.ps.protocol import SERVER_RANK, SERVER_SENDER, Frame, FrameFlag, FrameKind
 from commlib.ps.round_kinds import build_round
-from commlib.ps.shards import ShardSpec
+from commlib.ps.shards import ShardSpec, check_checkpoint_layout, checkpoint_layout
 from commlib.ps.task import Task, model_keys
 from commlib.scheme import Scheme
 from commlib.wire import DTYPES, Message, Payload, check_values
@@ -341,6 +341,7 @@ class ParameterServer:
             "task": self.task.server_state() if hasattr(self.task, "server_state") else None,
             "sgc": self.rounds.state_dict(),
             "pending_resync": self.pending_resync,
+            "shard": checkpoint_layout(self.shard),
         }
 
     def save_checkpoint(self, path: str) -> None:
@@ -349,7 +350,7 @@ class ParameterServer:
 
     def load_checkpoint(self, path: str) -> None:
         """Resume from ``path``: a new incarnation that continues from the saved step."""
-        ck = ckpt.load(path)
+        ck = check_checkpoint_layout(ckpt.load(path), self.shard)
         if ck["scheme"] != self.scheme.describe():
             raise ConfigError(f"checkpoint was written for {ck['scheme']}, this server runs {self.scheme.describe()}")
         if len(ck["workers"]) != self.n:

@@ -101,8 +101,13 @@ def launched_world_size(transport: str) -> int:
 def _physical(transport: str, layout: ShardLayout, backend: Optional[str]):
     """This rank's endpoint of the job's transport (authenticated with the job secret)."""
     if transport == "mpi":
+        from mpi4py import MPI
+
         from commlib.comm.mpi import MPITransport
 
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:  # the router's pump receives while the server sends
+            raise ConfigError("a sharded run under mpirun needs MPI_THREAD_MULTIPLE (mpi4py.rc.thread_level = "
+                              f"'multiple', the default); this MPI gives level {MPI.Query_thread()}")
         return MPITransport()
     from commlib.comm.torch_dist import TorchDistTransport, init_from_env
 

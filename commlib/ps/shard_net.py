@@ -236,7 +236,11 @@ class NetShardExchange(ShardExchange):
     def allreduce(self, shard: int, t: torch.Tensor) -> torch.Tensor:
         local = t.detach().to("cpu").contiguous()
         parts = self._meet(OP_SUM, lambda c: pack_sum(self.index, c, local), lambda d: read_sum(d, local), local)
-        return sum_in_shard_order(parts).to(t.device)
+        total = sum_in_shard_order(parts)
+        if not bool(torch.isfinite(total).all()):  # finite parts (each checked) can still overflow
+            raise CommlibError(f"shard {self.index}: the shards' parts of exchange {self._call - 1} sum to NaN or Inf; "
+                               "the sharded run stops rather than hand it to a rule")
+        return total.to(t.device)
 
     def agree(self, shard: int, workers: Set[int]) -> Set[int]:
         mine = frozenset(int(w) for w in workers)

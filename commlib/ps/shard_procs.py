@@ -41,21 +41,36 @@ def align_resume(exchange: NetShardExchange, path: str) -> int:
     """Before a shard resumes: every shard resumes from a checkpoint of one step. A shard that
     died in the middle of a round leaves its checkpoint one step behind the others' (a round is
     applied by all or none, so never more); the shards ahead go back to their previous
-    checkpoint (``PATH.prev``, kept by sharded servers). Returns the common step (-1: none)."""
+    checkpoint (``PATH.prev``, kept by sharded servers; none before a shard's first checkpoint:
+    then the shards start afresh). Every shard first says whether it can reach the common step;
+    unless all can, every shard refuses (ConfigError) and no checkpoint changes. Returns the
+    common step (-1: none)."""
     mine = _checkpoint_step(path)
-    onehot = torch.zeros(exchange.k, dtype=torch.float64)
-    onehot[exchange.index] = float(mine)
-    steps = [int(v) for v in exchange.allreduce(exchange.index, onehot).tolist()]
+    steps = [int(v) for v in _one_value_each(exchange, mine)]
     target = min(steps)
-    if mine > target:
-        prev = f"{path}.prev"
-        if _checkpoint_step(prev) != target:
-            raise ConfigError(f"shard {exchange.index}: the shards' checkpoints are at steps {steps} and "
-                              f"{prev} is not at step {target}: the shards cannot resume to one model")
+    prev = f"{path}.prev"
+    back = mine > target  # this shard goes back to its previous checkpoint (or to none)
+    try:
+        have = _checkpoint_step(prev) if back else mine
+    except ConfigError:  # an unreadable PATH.prev: this shard cannot go back (said to the others first)
+        have = -2
+    ready = [bool(v) for v in _one_value_each(exchange, float(have == target))]
+    if not all(ready):
+        raise ConfigError(f"shard {exchange.index}: the shards' checkpoints are at steps {steps} and shard(s) "
+                          f"{[j for j, ok in enumerate(ready) if not ok]} cannot go back to step {target} "
+                          f"(PATH.prev, e.g. {prev}): the shards cannot resume to one model; no checkpoint changed")
+    if back and target >= 0:
         os.replace(prev, path)
-    elif target < 0 and max(steps) >= 0:
-        raise ConfigError(f"shard {exchange.index} has no checkpoint at {path}; the others do (steps {steps})")
+    elif back:
+        os.remove(path)  # its first checkpoint was one round ahead of the others: all start afresh
     return target
+
+
+def _one_value_each(exchange: NetShardExchange, value: float) -> List[float]:
+    """Every shard's ``value`` (a one-hot sum over the exchange), in shard order."""
+    onehot = torch.zeros(exchange.k, dtype=torch.float64)
+    onehot[exchange.index] = float(value)
+    return exchange.allreduce(exchange.index, onehot).tolist()
 
 
 def serve_shard(router: ShardRouter, task_spec: Mapping[str, Any], scheme_cfg: Mapping[str, Any],

@@ -140,6 +140,22 @@ def shard_config(config: Any, index: int) -> Any:
     return dataclasses.replace(config, checkpoint=f"{config.checkpoint}.shard{index}")
 
 
+def checkpoint_layout(shard: Optional["ShardSpec"]) -> Optional[List[int]]:
+    """What a server's checkpoint records of its shard: ``[index, count, first key, end key]``
+    (None: an unsharded server)."""
+    return None if shard is None else [shard.index, shard.count, shard.keys.start, shard.keys.stop]
+
+
+def check_checkpoint_layout(ck: Dict[str, Any], shard: Optional["ShardSpec"]) -> Dict[str, Any]:
+    """``ck`` if it was written for this shard layout, else ConfigError (a checkpoint of other
+    keys, e.g. after ``shards`` changed, would mix trained and untrained keys)."""
+    saved, mine = ck.get("shard"), checkpoint_layout(shard)
+    if saved != mine:
+        raise ConfigError(f"checkpoint was written for shard [index, count, keys] {saved}, this server is {mine}: "
+                          "resume with the shard layout that wrote it")
+    return ck
+
+
 class ShardSpec:
     """Shard ``index`` of ``count``: the keys ``keys`` of the model, and where it meets the others."""
 
