@@ -14,7 +14,9 @@ and takes seconds per run; this replica reproduces its arithmetic without thread
   weights; staleness = (server version) - (version the worker computed on);
 * worker w's k-th gradient uses the task's minibatch of step k (k = 1, 2, ...), as the real
   worker does;
-* ``mode="sync"``: rounds of the mean of the n workers' gradients at the same weights.
+* ``mode="sync"``: rounds of the mean of the n workers' gradients at the same weights;
+* the lr schedule is the server's (``commlib.ps.config.build_schedule``, a function of the
+  version), over the run's optimizer steps (sync: evals // n rounds; async: evals pushes).
 
 It uses the same task (``commlib.ps.task.ClassificationTask``), model initialisation and
 optimizer construction as the real server; only the timing is simulated.
@@ -28,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from commlib.ps.config import build_optimizer
+from commlib.ps.config import build_optimizer, build_schedule
 from commlib.ps.task import ClassificationTask
 
 JITTER = 0.1
@@ -43,12 +45,14 @@ def replica_run(task_spec: Mapping[str, Any], n: int, optimizer: Mapping[str, An
     model = task.build_model()
     params = list(model.parameters())
     opt = build_optimizer(dict(optimizer), params, mode, n)
+    schedule = build_schedule(dict(optimizer), opt, mode, evals // n if mode == "sync" else evals)
     staleness: List[int] = []
     if mode == "sync":
         for t in range(evals // n):
             opt.zero_grad(set_to_none=True)
             for w in range(n):  # the mean of n worker gradients at the same weights
                 (task.loss(model, w, n, t) / n).backward()
+            schedule.set(t)
             opt.step()
     else:
         worker_model = task.build_model()
@@ -77,6 +81,7 @@ def replica_run(task_spec: Mapping[str, Any], n: int, optimizer: Mapping[str, An
             staleness.append(version - v_sent)
             for p, q in zip(params, worker_params):
                 p.grad = q.grad
+            schedule.set(version)
             opt.step()
             opt.zero_grad(set_to_none=True)
             version += 1

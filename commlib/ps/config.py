@@ -8,6 +8,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch
 
 from commlib.errors import ConfigError
+from commlib.optim.schedule import LRSchedule
 
 MODES = ("sync", "async")
 
@@ -147,6 +148,8 @@ class PSConfig:
 LR_SCALINGS = ("workers", "none")
 #: Async default cap on the per-push momentum (docs/algorithms.md §5.4).
 ASYNC_MOMENTUM = 0.75
+#: Async default lr schedule: warm-up then cosine decay over ``steps`` (docs/algorithms.md §5.4).
+ASYNC_SCHEDULE = "cosine"
 
 
 def async_step_size(lr: float, momentum: float, n_workers: int,
@@ -186,6 +189,8 @@ def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter
     from commlib.optim import AdaptiveBrakingSGD
 
     spec = dict(spec or {})
+    for key in SCHEDULE_KEYS:  # the lr schedule is built by build_schedule
+        spec.pop(key, None)
     name = str(spec.pop("name", "sgd" if mode == "sync" else "ab-sgd")).lower().replace("_", "-")
     scaling = str(spec.pop("lr_scaling", "workers" if mode == "async" else "none")).lower()
     async_momentum = spec.pop("async_momentum", None)
@@ -213,3 +218,23 @@ def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter
     except TypeError as exc:
         raise ConfigError(f"optimizer {name!r}: {exc}") from None
     raise ConfigError(f"unknown optimizer {name!r}; use 'sgd' or 'ab-sgd'")
+
+
+#: Optimizer-spec keys of the lr schedule (not optimizer arguments).
+SCHEDULE_KEYS = ("schedule", "warmup")
+#: Default lr schedule per mode (docs/algorithms.md §5.4).
+DEFAULT_SCHEDULE = {"sync": "constant", "async": ASYNC_SCHEDULE}
+
+
+def build_schedule(spec: Mapping[str, Any], optimizer: torch.optim.Optimizer, mode: str,
+                   total_steps: int) -> LRSchedule:
+    """The server's lr schedule over ``total_steps`` optimizer steps, from the optimizer spec's
+    ``"schedule"`` ("constant" or "cosine": linear warm-up over the ``"warmup"`` fraction of the
+    steps, default 0.05, then cosine decay to 0; ``commlib.optim.schedule``). Default: constant
+    in sync mode, ``ASYNC_SCHEDULE`` in async mode. The lrs it scales are the optimizer's
+    (after the async conversion of :func:`build_optimizer`)."""
+    spec = dict(spec or {})
+    if mode not in DEFAULT_SCHEDULE:
+        raise ConfigError(f"mode must be one of {tuple(DEFAULT_SCHEDULE)}, got {mode!r}")
+    kind = spec.get("schedule", DEFAULT_SCHEDULE[mode])
+    return LRSchedule(optimizer, total_steps, str(kind), float(spec.get("warmup", 0.05)))
