@@ -44,12 +44,15 @@ class PSConfig:
         max_staleness: async: pushes computed on parameters more than this many versions old
             are dropped (counted); None accepts any staleness.
         optimizer: {"name": "sgd" | "ab-sgd", "lr", "momentum", "rho", "weight_decay", ...,
-            "lr_scaling": "workers" | "none", "async_momentum"}; default SGD for sync and Adaptive
-            Braking SGD for async. In async mode with n > 1 workers ``lr`` and ``momentum`` are the
-            synchronous ones (one step per round of n gradients) and the server converts them per
-            push: momentum min(momentum, async_momentum=0.75), lr scaled to the same distance per
-            gradient (``build_optimizer``); "lr_scaling": "none" uses both as given.
-            docs/algorithms.md §5.4.
+            "lr_scaling": "workers" | "none", "async_momentum", "schedule": "constant" | "cosine",
+            "warmup"}; default SGD for sync and Adaptive Braking SGD for async. In async mode with
+            n > 1 workers ``lr`` and ``momentum`` are the synchronous ones (one step per round of n
+            gradients) and the server converts them per push: momentum min(momentum,
+            async_momentum=0.75), lr scaled to the same distance per gradient
+            (``build_optimizer``); "lr_scaling": "none" uses both as given. "schedule": the lr over
+            the ``steps`` (``build_schedule``): "cosine" (the async default) warms up linearly over
+            the "warmup" fraction (0.05) of the steps, then decays to 0; "constant" (the sync
+            default) keeps it. docs/algorithms.md §5.4.
         checkpoint: file the server writes atomically (model, optimizer, scheme state, step,
             per-worker bookkeeping); ``resume`` continues from it.
         checkpoint_every: steps between checkpoints (1 keeps workers' rollback memory to one state).

@@ -54,7 +54,8 @@ class ParameterServer:
         scheme: the Scheme (the same object the DDP runtime takes).
         task: a :class:`commlib.ps.Task` (model + evaluation) or an ``nn.Module``.
         config: :class:`PSConfig` (mode, steps, quorum, timeouts, staleness, checkpoint, ...).
-        optimizer: an optimizer over the model's parameters (default: from ``config.optimizer``).
+        optimizer: an optimizer over the model's parameters (default: from ``config.optimizer``);
+            its lr stays constant unless ``config.optimizer`` names a "schedule".
         on_step: called with each history record (progress bars, logging).
         shard: serve one shard of the keys (:class:`commlib.ps.shards.ShardSpec`).
     """
