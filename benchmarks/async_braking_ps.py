@@ -29,6 +29,8 @@ Thread timing is not deterministic, so every configuration runs with several see
 show the mean. Wall times are not reported (the machine is shared).
 
     .venv/bin/python benchmarks/async_braking_ps.py [--quick]
+    .venv/bin/python benchmarks/async_braking_ps.py --real-budget   # then: part 2 on the real server
+    .venv/bin/python benchmarks/async_braking_ps.py --ray           # then: 16-worker rows on local Ray
 
 prints the tables, writes benchmarks/results/async_braking_ps.json (``--quick``:
 async_braking_ps_quick.json) and a plot (.png): test accuracy vs mean staleness on the real
@@ -76,11 +78,14 @@ def grid_spec(method: str, lr: float, m: float, n: int, schedule: str = "constan
 
 
 def ps_run(workers: int, mode: str, optimizer: Dict[str, Any], steps: int, seed: int,
-           scale: float = 0.004) -> Dict[str, Any]:
-    """One real parameter-server run on the in-process transport."""
+           scale: float = 0.004, backend: str = "inproc") -> Dict[str, Any]:
+    """One real parameter-server run on the in-process transport (or on local Ray: one process
+    per worker)."""
     plan = FaultPlan(workers, stragglers=StragglerSpec("exp", shift=1.0, rate=1.0, scale=scale), seed=seed)
-    cfg = PSConfig(mode=mode, steps=steps, step_timeout=30.0, worker_timeout=5.0, optimizer=optimizer)
-    res = simulate(plan, dict(TASK, seed=seed), SCHEME, cfg, backend="inproc")
+    slow = backend == "ray"  # actors start slowly on a loaded machine
+    cfg = PSConfig(mode=mode, steps=steps, step_timeout=60.0 if slow else 30.0, worker_timeout=10.0 if slow else 5.0,
+                   optimizer=optimizer, startup_timeout=600.0 if slow else 120.0)
+    res = simulate(plan, dict(TASK, seed=seed), SCHEME, cfg, backend=backend)
     stal = [h["staleness"] for h in res["history"]]
     final = res["evals"][-1]
     return {"status": res["status"], "steps": res["steps"],
@@ -259,11 +264,67 @@ def print_tables(summary, budget, moved, rows, evals, grid_seeds, seeds) -> None
               f"{r['mean_staleness']:>10.1f}{r.get('std_staleness', 0.0):>6.1f}{r['max_staleness']:>5d}")
 
 
+def ray_part(evals: int) -> int:
+    """``--ray``: the 16-worker rows of part 4 that the JSON's grid chose, on local Ray (one
+    process per worker: the staleness spread of separate processes), one seed; added to the JSON."""
+    import ray
+
+    out = RESULTS / "async_braking_ps.json"
+    data = json.loads(out.read_text())
+    best = {(r["workers"], r["method"]): r for r in data["grid_summary"]}
+    configs = real_configs(best, 16)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rows = []
+    for name in ("async ab best", "async sgdm best", "async ab, before"):
+        mode, opt = configs[name]
+        r = ps_run(16, mode, opt, evals, 0, backend="ray")
+        r.update(workers=16, optimizer=name, mode=mode, spec=opt, seed=0, backend="ray")
+        rows.append(r)
+        print(f"  ray n=16 {name:<28s}: acc {r['test_accuracy']:.3f}  staleness {r['mean_staleness']:.1f} "
+              f"(std {r['std_staleness']:.1f}, max {r['max_staleness']})", flush=True)
+    data = json.loads(out.read_text())  # read again: another part may have added to it meanwhile
+    data["ray"] = rows
+    out.write_text(json.dumps(data, indent=1))
+    return 0
+
+
+def real_budget_part(seeds: List[int]) -> int:
+    """``--real-budget``: part 2's settings (16 workers, each method at its best lr and schedule per
+    budget) on the real server (in-process transport), added to the JSON as ``real_budget``."""
+    out = RESULTS / "async_braking_ps.json"
+    data = json.loads(out.read_text())
+    rows = []
+    for b in data["budget"]:
+        n, method, evals = b["workers"], b["method"], b["evals"]
+        mode = METHODS[method][0]
+        spec = grid_spec(method, b["lr"], b["momentum"], n, b["schedule"])
+        rs = []
+        for seed in seeds:
+            r = ps_run(n, mode, spec, evals // n if mode == "sync" else evals, seed)
+            r.update(seed=seed)
+            rs.append(r)
+        rows.append(mean_row(rs, workers=n, evals=evals, method=method, spec=spec, runs=rs))
+        print(f"  real n={n} G={evals:<6d} {method:<11s}: acc {rows[-1]['test_accuracy']:.3f} "
+              f"[{rows[-1]['accuracy_min']:.3f}, {rows[-1]['accuracy_max']:.3f}]", flush=True)
+    data = json.loads(out.read_text())  # read again: another part may have added to it meanwhile
+    data["real_budget"] = rows
+    out.write_text(json.dumps(data, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer evaluations, one seed")
+    ap.add_argument("--ray", action="store_true",
+                    help="after a full run: part 4's 16-worker best rows on local Ray, added to the JSON")
+    ap.add_argument("--real-budget", action="store_true",
+                    help="after a full run: part 2's settings on the real server (3 seeds), added to the JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.real_budget:
+        return real_budget_part([0, 1, 2])
+    if args.ray:
+        return ray_part(1600)
     evals, seeds, grid_seeds = (800, [0], [0]) if args.quick else (1600, [0, 1], [0, 1])
     workers = [4, 16]
     stem = "async_braking_ps_quick" if args.quick else "async_braking_ps"
