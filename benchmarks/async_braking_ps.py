@@ -45,7 +45,7 @@ import platform
 import statistics
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -188,7 +188,8 @@ def real_configs(best: Dict[Tuple[int, str], Dict[str, Any]], n: int) -> Dict[st
     return rows
 
 
-def plot(rows: List[Dict[str, Any]], budget: List[Dict[str, Any]], cells: List[Dict[str, Any]], path: Path) -> None:
+def plot(rows: List[Dict[str, Any]], budget: List[Dict[str, Any]], cells: List[Dict[str, Any]], path: Path,
+         real_budget: Optional[List[Dict[str, Any]]] = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -203,16 +204,20 @@ def plot(rows: List[Dict[str, Any]], budget: List[Dict[str, Any]], cells: List[D
     ax.set_xlabel("mean staleness of applied pushes (async) / n - 1 (sync)")
     ax.set_ylabel("test accuracy")
     ax.set_title("real async parameter server, equal gradient evaluations")
-    ax.set_ylim(0.5, 1)
+    ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     for method in METHODS:
         pts = sorted((r["evals"], r["test_accuracy"]) for r in budget if r["method"] == method)
-        cx.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+        line = cx.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{method} (replica)")
+        real = sorted((r["evals"], r["test_accuracy"]) for r in real_budget or [] if r["method"] == method)
+        if real:
+            cx.plot([p[0] for p in real], [p[1] for p in real], marker="s", linestyle="--",
+                    color=line[0].get_color(), label=f"{method} (real server)")
     cx.set_xscale("log", base=2)
     cx.set_xlabel("gradient evaluations")
     cx.set_ylabel("test accuracy")
-    cx.set_title(f"replica, {budget[0]['workers'] if budget else '-'} workers, lr re-tuned per budget")
+    cx.set_title(f"{budget[0]['workers'] if budget else '-'} workers, lr re-tuned per budget")
     cx.grid(alpha=0.3)
     cx.legend(fontsize=7)
     n = max(c["workers"] for c in cells)
@@ -309,6 +314,7 @@ def real_budget_part(seeds: List[int]) -> int:
     data = json.loads(out.read_text())  # read again: another part may have added to it meanwhile
     data["real_budget"] = rows
     out.write_text(json.dumps(data, indent=1))
+    plot(data["table"], data["budget"], data["grid_cells"], RESULTS / "async_braking_ps.png", rows)
     return 0
 
 
