@@ -31,6 +31,7 @@ show the mean. Wall times are not reported (the machine is shared).
     .venv/bin/python benchmarks/async_braking_ps.py [--quick]
     .venv/bin/python benchmarks/async_braking_ps.py --real-budget   # then: part 2 on the real server
     .venv/bin/python benchmarks/async_braking_ps.py --ray           # then: 16-worker rows on local Ray
+    .venv/bin/python benchmarks/async_braking_ps.py --braking-factor  # then: AB's factor per quarter
 
 prints the tables, writes benchmarks/results/async_braking_ps.json (``--quick``:
 async_braking_ps_quick.json) and a plot (.png): test accuracy vs mean staleness on the real
@@ -318,6 +319,23 @@ def real_budget_part(seeds: List[int]) -> int:
     return 0
 
 
+def braking_part() -> int:
+    """``--braking-factor``: AB's mean braking factor 1 - rho cos per quarter of a run (replica,
+    seed 0) for 1, 4 and 16 workers at two settings, added to the JSON as ``braking_factor``."""
+    rows = []
+    for n, (lr, m, sched) in itertools.product([1, 4, 16], [(0.8, 0.75, "cosine"), (0.2, 0.9, "constant")]):
+        r = replica_run(TASK, n, grid_spec("async ab", lr, m, n, sched), 1600, 0, "async")
+        rows.append({"workers": n, "lr": lr, "momentum": m, "schedule": sched, "test_accuracy": r["test_accuracy"],
+                     "braking_factor_by_quarter": r["braking_factor_by_quarter"]})
+        print(f"  n={n:<3d} lr {lr} m {m} {sched:<8s}: acc {r['test_accuracy']:.3f}  mean factor by quarter "
+              + " ".join(f"{f:.2f}" for f in r["braking_factor_by_quarter"]), flush=True)
+    out = RESULTS / "async_braking_ps.json"
+    data = json.loads(out.read_text())
+    data["braking_factor"] = rows
+    out.write_text(json.dumps(data, indent=1))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer evaluations, one seed")
@@ -325,8 +343,12 @@ def main() -> int:
                     help="after a full run: part 4's 16-worker best rows on local Ray, added to the JSON")
     ap.add_argument("--real-budget", action="store_true",
                     help="after a full run: part 2's settings on the real server (3 seeds), added to the JSON")
+    ap.add_argument("--braking-factor", action="store_true",
+                    help="after a full run: AB's mean braking factor per quarter of a run, added to the JSON")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.braking_factor:
+        return braking_part()
     if args.real_budget:
         return real_budget_part([0, 1, 2])
     if args.ray:

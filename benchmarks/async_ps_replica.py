@@ -38,7 +38,8 @@ JITTER = 0.1
 
 def replica_run(task_spec: Mapping[str, Any], n: int, optimizer: Mapping[str, Any], evals: int,
                 seed: int, mode: str = "async", jitter: float = JITTER) -> Dict[str, Any]:
-    """Train for ``evals`` gradient evaluations; returns test accuracy/loss and the staleness."""
+    """Train for ``evals`` gradient evaluations; returns test accuracy/loss, the staleness and
+    (async AB) the mean braking factor in each quarter of the run."""
     spec = dict(task_spec, seed=seed)
     spec.pop("name", None)
     task = ClassificationTask(**spec)
@@ -47,6 +48,7 @@ def replica_run(task_spec: Mapping[str, Any], n: int, optimizer: Mapping[str, An
     opt = build_optimizer(dict(optimizer), params, mode, n)
     schedule = build_schedule(dict(optimizer), opt, mode, evals // n if mode == "sync" else evals)
     staleness: List[int] = []
+    factors: List[float] = []  # AB: mean braking factor 1 - rho cos over the tensors, per step
     if mode == "sync":
         for t in range(evals // n):
             opt.zero_grad(set_to_none=True)
@@ -83,12 +85,17 @@ def replica_run(task_spec: Mapping[str, Any], n: int, optimizer: Mapping[str, An
                 p.grad = q.grad
             schedule.set(version)
             opt.step()
+            used = [float(opt.state[p]["braking_factor"]) for p in params if "braking_factor" in opt.state[p]]
+            if used:
+                factors.append(statistics.fmean(used))
             opt.zero_grad(set_to_none=True)
             version += 1
             sent[w] = (version, [p.detach().clone() for p in params])
             heapq.heappush(queue, (now + compute_time(), w))
     metrics = task.evaluate(model)
     acc = metrics["accuracy"] if metrics["loss"] == metrics["loss"] else 0.0  # NaN loss: diverged
+    q = len(factors) // 4
     return {"test_accuracy": acc, "test_loss": metrics["loss"],
             "mean_staleness": statistics.fmean(staleness) if staleness else 0.0,
-            "max_staleness": max(staleness) if staleness else 0}
+            "max_staleness": max(staleness) if staleness else 0,
+            "braking_factor_by_quarter": [statistics.fmean(factors[i * q:(i + 1) * q]) for i in range(4)] if q else []}
