@@ -63,7 +63,8 @@ def test_bad_schedules_are_refused():
 
 def test_async_defaults_to_cosine_sync_to_constant_and_the_spec_overrides():
     p = [torch.nn.Parameter(torch.zeros(3))]
-    opt = build_optimizer({"lr": 0.8, "warmup": 0.1, "schedule": "cosine"}, p, "async", 16)  # keys are not optimizer args
+    # the schedule keys are not optimizer arguments: build_optimizer leaves them to build_schedule
+    opt = build_optimizer({"lr": 0.8, "warmup": 0.1, "schedule": "cosine"}, p, "async", 16)
     assert build_schedule({}, opt, "async", 10).kind == "cosine"
     assert build_schedule({}, opt, "sync", 10).kind == "constant"
     assert build_schedule({"schedule": "constant"}, opt, "async", 10).kind == "constant"
