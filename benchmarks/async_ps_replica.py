@@ -14,7 +14,9 @@ and takes seconds per run; this replica reproduces its arithmetic without thread
   weights; staleness = (server version) - (version the worker computed on);
 * worker w's k-th gradient uses the task's minibatch of step k (k = 1, 2, ...), as the real
   worker does;
-* ``mode="sync"``: rounds of the mean of the n workers' gradients at the same weights.
+* ``mode="sync"``: rounds of the mean of the n workers' gradients at the same weights;
+* the lr schedule is the server's (``commlib.ps.config.build_schedule``, a function of the
+  version), over the run's optimizer steps (sync: evals // n rounds; async: evals pushes).
 
 It uses the same task (``commlib.ps.task.ClassificationTask``), model initialisation and
 optimizer construction as the real server; only the timing is simulated.
@@ -28,7 +30,7 @@ from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 
-from commlib.ps.config import build_optimizer
+from commlib.ps.config import build_optimizer, build_schedule
 from commlib.ps.task import ClassificationTask
 
 JITTER = 0.1
@@ -36,19 +38,23 @@ JITTER = 0.1
 
 def replica_run(task_spec: Mapping[str, Any], n: int, optimizer: Mapping[str, Any], evals: int,
                 seed: int, mode: str = "async", jitter: float = JITTER) -> Dict[str, Any]:
-    """Train for ``evals`` gradient evaluations; returns test accuracy/loss and the staleness."""
+    """Train for ``evals`` gradient evaluations; returns test accuracy/loss, the staleness and
+    (async AB) the mean braking factor in each quarter of the run."""
     spec = dict(task_spec, seed=seed)
     spec.pop("name", None)
     task = ClassificationTask(**spec)
     model = task.build_model()
     params = list(model.parameters())
     opt = build_optimizer(dict(optimizer), params, mode, n)
+    schedule = build_schedule(dict(optimizer), opt, mode, evals // n if mode == "sync" else evals)
     staleness: List[int] = []
+    factors: List[float] = []  # AB: mean braking factor 1 - rho cos over the tensors, per step
     if mode == "sync":
         for t in range(evals // n):
             opt.zero_grad(set_to_none=True)
             for w in range(n):  # the mean of n worker gradients at the same weights
                 (task.loss(model, w, n, t) / n).backward()
+            schedule.set(t)
             opt.step()
     else:
         worker_model = task.build_model()
@@ -77,13 +83,19 @@ def replica_run(task_spec: Mapping[str, Any], n: int, optimizer: Mapping[str, An
             staleness.append(version - v_sent)
             for p, q in zip(params, worker_params):
                 p.grad = q.grad
+            schedule.set(version)
             opt.step()
+            used = [float(opt.state[p]["braking_factor"]) for p in params if "braking_factor" in opt.state[p]]
+            if used:
+                factors.append(statistics.fmean(used))
             opt.zero_grad(set_to_none=True)
             version += 1
             sent[w] = (version, [p.detach().clone() for p in params])
             heapq.heappush(queue, (now + compute_time(), w))
     metrics = task.evaluate(model)
     acc = metrics["accuracy"] if metrics["loss"] == metrics["loss"] else 0.0  # NaN loss: diverged
+    q = len(factors) // 4
     return {"test_accuracy": acc, "test_loss": metrics["loss"],
             "mean_staleness": statistics.fmean(staleness) if staleness else 0.0,
-            "max_staleness": max(staleness) if staleness else 0}
+            "max_staleness": max(staleness) if staleness else 0,
+            "braking_factor_by_quarter": [statistics.fmean(factors[i * q:(i + 1) * q]) for i in range(4)] if q else []}

@@ -293,11 +293,15 @@ class CrashingServer(ParameterServer):
             raise ServerCrash
 
 
-@pytest.mark.parametrize("crash_at,after,every", [(4, False, 1), (4, True, 1), (8, False, 3), (9, True, 3)])
-def test_server_restart_from_checkpoint_loses_and_repeats_nothing(tmp_path, crash_at, after, every):
+@pytest.mark.parametrize("crash_at,after,every,schedule", [(4, False, 1, "constant"), (4, True, 1, "constant"),
+                                                           (8, False, 3, "constant"), (9, True, 3, "constant"),
+                                                           (8, False, 3, "cosine")])
+def test_server_restart_from_checkpoint_loses_and_repeats_nothing(tmp_path, crash_at, after, every, schedule):
+    """... also with an lr schedule: the resumed server takes the lr of its restored version."""
     path = str(tmp_path / "server.pt")
-    config = cfg(steps=10, checkpoint=path, checkpoint_every=every)
-    ref_job, ref = run_job(EF21, cfg(steps=10), n=3)
+    opt = {"name": "sgd", "lr": 0.05, "momentum": 0.5, "schedule": schedule}
+    config = cfg(steps=10, checkpoint=path, checkpoint_every=every, optimizer=opt)
+    ref_job, ref = run_job(EF21, cfg(steps=10, optimizer=opt), n=3)
     job = InprocJob(DDPJobTask(), EF21, config, 3)
     job.server = CrashingServer(job.hub.endpoint(0), job.new_scheme(), job.task, config,
                                 crash_at=crash_at, after_checkpoint=after)

@@ -8,6 +8,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional
 import torch
 
 from commlib.errors import ConfigError
+from commlib.optim.schedule import LRSchedule
 
 MODES = ("sync", "async")
 
@@ -43,12 +44,15 @@ class PSConfig:
         max_staleness: async: pushes computed on parameters more than this many versions old
             are dropped (counted); None accepts any staleness.
         optimizer: {"name": "sgd" | "ab-sgd", "lr", "momentum", "rho", "weight_decay", ...,
-            "lr_scaling": "workers" | "none", "async_momentum"}; default SGD for sync and Adaptive
-            Braking SGD for async. In async mode with n > 1 workers ``lr`` and ``momentum`` are the
-            synchronous ones (one step per round of n gradients) and the server converts them per
-            push: momentum min(momentum, async_momentum=0.75), lr scaled to the same distance per
-            gradient (``build_optimizer``); "lr_scaling": "none" uses both as given.
-            docs/algorithms.md §5.4.
+            "lr_scaling": "workers" | "none", "async_momentum", "schedule": "constant" | "cosine",
+            "warmup"}; default SGD for sync and Adaptive Braking SGD for async. In async mode with
+            n > 1 workers ``lr`` and ``momentum`` are the synchronous ones (one step per round of n
+            gradients) and the server converts them per push: momentum min(momentum,
+            async_momentum=0.75), lr scaled to the same distance per gradient
+            (``build_optimizer``); "lr_scaling": "none" uses both as given. "schedule": the lr over
+            the ``steps`` (``build_schedule``): "cosine" (the async default) warms up linearly over
+            the "warmup" fraction (0.05) of the steps, then decays to 0; "constant" (the sync
+            default) keeps it. docs/algorithms.md §5.4.
         checkpoint: file the server writes atomically (model, optimizer, scheme state, step,
             per-worker bookkeeping); ``resume`` continues from it.
         checkpoint_every: steps between checkpoints (1 keeps workers' rollback memory to one state).
@@ -155,6 +159,8 @@ class PSConfig:
 LR_SCALINGS = ("workers", "none")
 #: Async default cap on the per-push momentum (docs/algorithms.md §5.4).
 ASYNC_MOMENTUM = 0.75
+#: Async default lr schedule: warm-up then cosine decay over ``steps`` (docs/algorithms.md §5.4).
+ASYNC_SCHEDULE = "cosine"
 
 
 def async_step_size(lr: float, momentum: float, n_workers: int,
@@ -194,6 +200,8 @@ def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter
     from commlib.optim import AdaptiveBrakingSGD
 
     spec = dict(spec or {})
+    for key in SCHEDULE_KEYS:  # the lr schedule is built by build_schedule
+        spec.pop(key, None)
     name = str(spec.pop("name", "sgd" if mode == "sync" else "ab-sgd")).lower().replace("_", "-")
     scaling = str(spec.pop("lr_scaling", "workers" if mode == "async" else "none")).lower()
     async_momentum = spec.pop("async_momentum", None)
@@ -221,3 +229,23 @@ def build_optimizer(spec: Mapping[str, Any], params: Iterable[torch.nn.Parameter
     except TypeError as exc:
         raise ConfigError(f"optimizer {name!r}: {exc}") from None
     raise ConfigError(f"unknown optimizer {name!r}; use 'sgd' or 'ab-sgd'")
+
+
+#: Optimizer-spec keys of the lr schedule (not optimizer arguments).
+SCHEDULE_KEYS = ("schedule", "warmup")
+#: Default lr schedule per mode (docs/algorithms.md §5.4).
+DEFAULT_SCHEDULE = {"sync": "constant", "async": ASYNC_SCHEDULE}
+
+
+def build_schedule(spec: Mapping[str, Any], optimizer: torch.optim.Optimizer, mode: str,
+                   total_steps: int) -> LRSchedule:
+    """The server's lr schedule over ``total_steps`` optimizer steps, from the optimizer spec's
+    ``"schedule"`` ("constant" or "cosine": linear warm-up over the ``"warmup"`` fraction of the
+    steps, default 0.05, then cosine decay to 0; ``commlib.optim.schedule``). Default: constant
+    in sync mode, ``ASYNC_SCHEDULE`` in async mode. The lrs it scales are the optimizer's
+    (after the async conversion of :func:`build_optimizer`)."""
+    spec = dict(spec or {})
+    if mode not in DEFAULT_SCHEDULE:
+        raise ConfigError(f"mode must be one of {tuple(DEFAULT_SCHEDULE)}, got {mode!r}")
+    kind = spec.get("schedule", DEFAULT_SCHEDULE[mode])
+    return LRSchedule(optimizer, total_steps, str(kind), float(spec.get("warmup", 0.05)))

@@ -31,7 +31,7 @@ from commlib.ddp.register import check_optimizer
 from commlib.errors import ConfigError, PayloadError
 from commlib.ps import checkpoint as ckpt
 from commlib.ps.async_loop import run_async
-from commlib.ps.config import PSConfig, build_optimizer
+from commlib.ps.config import PSConfig, build_optimizer, build_schedule
 from commlib.ps.membership import BOOKKEEPING, Membership, WorkerRecord  # noqa: F401  (re-exported)
 from commlib.ps.protocol import SERVER_RANK, SERVER_SENDER, Frame, FrameFlag, FrameKind
 from commlib.ps.round_kinds import build_round
@@ -54,7 +54,8 @@ class ParameterServer:
         scheme: the Scheme (the same object the DDP runtime takes).
         task: a :class:`commlib.ps.Task` (model + evaluation) or an ``nn.Module``.
         config: :class:`PSConfig` (mode, steps, quorum, timeouts, staleness, checkpoint, ...).
-        optimizer: an optimizer over the model's parameters (default: from ``config.optimizer``).
+        optimizer: an optimizer over the model's parameters (default: from ``config.optimizer``);
+            its lr stays constant unless ``config.optimizer`` names a "schedule".
         on_step: called with each history record (progress bars, logging).
         shard: serve one shard of the keys (:class:`commlib.ps.shards.ShardSpec`).
     """
@@ -84,6 +85,10 @@ class ParameterServer:
         self.dense = [scheme.sends_dense(tuple(p.shape)) for p in self.params]
         self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode, self.n)
         check_optimizer(scheme, self.optimizer)
+        # lr schedule over cfg.steps, a function of the version (docs/algorithms.md §5.4); an
+        # optimizer handed in keeps its lr unless the config asks for a schedule
+        sched_spec = cfg.optimizer if optimizer is None else {"schedule": "constant", **cfg.optimizer}
+        self.schedule = build_schedule(sched_spec, self.optimizer, cfg.mode, cfg.steps)
         if cfg.quorum is not None and int(cfg.quorum) > self.n:
             raise ConfigError(f"quorum {cfg.quorum} exceeds the {self.n} workers")
         self.rounds = build_round(cfg, self.n, scheme, self.task)  # the synchronous round kind
@@ -293,6 +298,7 @@ class ParameterServer:
             dirs = self.task.server_directions(dirs)  # e.g. DIFF2's estimator (commlib/ps/private.py)
         for p, d in zip(self.params, dirs):
             p.grad = d.reshape(p.shape).to(p.dtype).clone()
+        self.schedule.set(self.version)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.half.end_step()
