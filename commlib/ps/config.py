@@ -238,14 +238,15 @@ DEFAULT_SCHEDULE = {"sync": "constant", "async": ASYNC_SCHEDULE}
 
 
 def build_schedule(spec: Mapping[str, Any], optimizer: torch.optim.Optimizer, mode: str,
-                   total_steps: int) -> LRSchedule:
+                   total_steps: int, given: bool = False) -> LRSchedule:
     """The server's lr schedule over ``total_steps`` optimizer steps, from the optimizer spec's
     ``"schedule"`` ("constant" or "cosine": linear warm-up over the ``"warmup"`` fraction of the
     steps, default 0.05, then cosine decay to 0; ``commlib.optim.schedule``). Default: constant
-    in sync mode, ``ASYNC_SCHEDULE`` in async mode. The lrs it scales are the optimizer's
-    (after the async conversion of :func:`build_optimizer`)."""
+    in sync mode, ``ASYNC_SCHEDULE`` in async mode, and constant for an optimizer the user
+    ``given`` (it keeps its lr unless the spec names a schedule). The lrs it scales are the
+    optimizer's (after the async conversion of :func:`build_optimizer`)."""
     spec = dict(spec or {})
     if mode not in DEFAULT_SCHEDULE:
         raise ConfigError(f"mode must be one of {tuple(DEFAULT_SCHEDULE)}, got {mode!r}")
-    kind = spec.get("schedule", DEFAULT_SCHEDULE[mode])
+    kind = spec.get("schedule", "constant" if given else DEFAULT_SCHEDULE[mode])
     return LRSchedule(optimizer, total_steps, str(kind), float(spec.get("warmup", 0.05)))

@@ -6,16 +6,14 @@ control frames handled), :meth:`~ParameterServer.check_push` (exactly-once and f
 checks), :meth:`~ParameterServer.decode` (the validated payloads), :meth:`~ParameterServer.apply`
 (an optimizer step, bookkeeping, checkpoint, history) and :meth:`~ParameterServer.send_params`.
 
-Synchronous mode runs one round per step with a round kind (``commlib/ps/rounds.py``: plain,
-``coded.py``: gradient coding, ``sequential.py``: SR-SGC / M-SGC); asynchronous mode applies
-each push on arrival (``commlib/ps/async_loop.py``). Membership and exactly-once bookkeeping
-live in ``commlib/ps/membership.py``.
+Synchronous mode runs one round kind per step (``rounds.py``: plain, ``coded.py``, ``sequential.py``:
+SR-SGC / M-SGC); async mode applies each push on arrival (``async_loop.py``). Membership and
+exactly-once bookkeeping live in ``membership.py``.
 
-A restarted server (``resume=True``) loads the checkpoint, counts a new ``incarnation``
-(pushes computed for an older one are dropped) and tells every worker what it kept, so no
-update is lost or applied twice. A worker that comes back without its state (a new process)
-while the scheme keeps per-worker increments (EF21, EControl) triggers a state epoch: server
-and workers clear the feedback state and restart it with EF21's uncompressed first step.
+A restarted server (``resume=True``) loads the checkpoint, counts a new ``incarnation`` (older
+pushes are dropped) and tells every worker what it kept: no update is lost or applied twice. A
+worker back without its state while the scheme keeps per-worker increments (EF21, EControl)
+starts a state epoch: both sides restart the feedback with EF21's uncompressed first step.
 """
 from __future__ import annotations
 
@@ -85,10 +83,9 @@ class ParameterServer:
         self.dense = [scheme.sends_dense(tuple(p.shape)) for p in self.params]
         self.optimizer = optimizer or build_optimizer(cfg.optimizer, self.params, cfg.mode, self.n)
         check_optimizer(scheme, self.optimizer)
-        # lr schedule over cfg.steps, a function of the version (docs/algorithms.md §5.4); an
-        # optimizer handed in keeps its lr unless the config asks for a schedule
-        sched_spec = cfg.optimizer if optimizer is None else {"schedule": "constant", **cfg.optimizer}
-        self.schedule = build_schedule(sched_spec, self.optimizer, cfg.mode, cfg.steps)
+        # the lr as a function of the version (docs/algorithms.md §5.4)
+        self.schedule = build_schedule(cfg.optimizer, self.optimizer, cfg.mode, cfg.steps,
+                                       given=optimizer is not None)
         if cfg.quorum is not None and int(cfg.quorum) > self.n:
             raise ConfigError(f"quorum {cfg.quorum} exceeds the {self.n} workers")
         self.rounds = build_round(cfg, self.n, scheme, self.task)  # the synchronous round kind
@@ -104,12 +101,8 @@ class ParameterServer:
         self.half = scheme.server(self.n)
         self.members = Membership(self.n, transport, lambda: (self.elapsed(), self.version))
         self.records = self.members.records
-        self.version = 0
-        self.incarnation = 0
-        self.epoch = 0
-        self.resyncs = 0
-        self.empty_rounds = 0
-        self.unknown_frames = 0
+        self.version = self.incarnation = self.epoch = 0
+        self.resyncs = self.empty_rounds = self.unknown_frames = 0
         self.history: List[Dict[str, Any]] = []
         self.evals: List[Dict[str, Any]] = []
         self.on_step = on_step
