@@ -112,6 +112,27 @@ def time_to_target(rec: Dict[str, Any], target: float) -> Optional[Dict[str, flo
     return None
 
 
+def resume_records(path: Path, cfg: Dict[str, Any]) -> Any:
+    """The finished runs of an earlier invocation, keyed by (scheme, link); refuses one made with
+    another configuration (data, model, epochs, optimizer, schedule)."""
+    old = json.loads(path.read_text())
+    meta = old["meta"]
+    keys = ("samples", "width", "hidden", "epochs", "eval_every")
+    was = {**{k: meta["config"][k] for k in keys}, "lr": meta["lr"], "momentum": meta["momentum"],
+           "batch": meta["batch_per_rank"], "schedule": meta.get("lr_schedule")}
+    now = {**{k: cfg[k] for k in keys}, "lr": LR, "momentum": MOMENTUM, "batch": BATCH,
+           "schedule": lr_schedule()}
+    if was != now:
+        raise SystemExit(f"--resume {path}: made with {was}, this run is {now}")
+    kept = {(rec["scheme"], rec["link"]): dict(rec, job=rec.get("job", 0)) for rec in old["records"]}
+    return kept, {k: meta.get(k) for k in ("loadavg_before", "loadavg_after", "loadavg_1min_during", "wall_s",
+                                           "link_goodput_bit_s", "timeout_s", "missing_runs")}
+
+
+def lr_schedule() -> Dict[str, Any]:
+    return {"base": LR, "linear_warmup_epochs": LR_WARMUP_EPOCHS, "times_0.1_from_fraction": LR_DECAY_AT}
+
+
 def build_rows(records: List[Dict[str, Any]], target: float) -> List[Dict[str, Any]]:
     rows = []
     for r in records:
@@ -214,6 +235,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--hosts", type=int, default=2)
     ap.add_argument("--burst", default="256kb", help="tbf burst")
     ap.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds the torchrun job may take")
+    ap.add_argument("--resume", default=None, help="a JSON this script wrote with the same configuration whose "
+                    "runs stopped early (--timeout): keep its finished runs, run the others, report all together")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/time_to_accuracy[_quick].json)")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
@@ -237,6 +260,10 @@ def main(argv: Optional[List[str]] = None) -> int:
              "seed": SEED, "eval_every": cfg["eval_every"],
              "lr_warmup_epochs": LR_WARMUP_EPOCHS, "lr_decay_at": LR_DECAY_AT,
              "sparsity_warmup_epochs": len(DGC_WARMUP)} for link in cfg["links"] for s in cfg["schemes"]]
+    earlier, earlier_meta = resume_records(Path(args.resume), cfg) if args.resume else ({}, None)
+    if not [r for r in runs if (r["scheme"], r["link"]) not in earlier]:
+        ap.error(f"every run is in {args.resume} already")
+    todo = [r for r in runs if (r["scheme"], r["link"]) not in earlier]
     t_start, load_before = time.monotonic(), os.getloadavg()
     load_samples: List[Any] = []
     sampling = threading.Event()
@@ -257,11 +284,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 bed.shape(None if RATES[link] is None else link)
                 goodput[link] = link_check(bed)
             bed.shape(None)
-            print(f"{len(runs)} runs on {args.hosts} hosts; measured TCP goodput: "
+            print(f"{len(todo)} runs on {args.hosts} hosts ({len(earlier)} kept from {args.resume}); measured TCP goodput: "
                   + ", ".join(f"{RATE_LABEL[k]} {v / 1e6:.0f} Mbit/s" for k, v in goodput.items()), flush=True)
             # the workers import this checkout's commlib too (they run under `ip netns exec env ...`)
             try:
-                res = run_job(bed, runs, {"PYTHONPATH": str(ROOT)}, "tta", Path(tmp), args.timeout,
+                res = run_job(bed, todo, {"PYTHONPATH": str(ROOT)}, "tta", Path(tmp), args.timeout,
                               worker=HERE / "tta_worker.py", progress="steps in")
             except TimeoutError as exc:  # keep the runs that finished (the worker rewrites its output after each)
                 part = Path(tmp) / "out-tta.json"
@@ -272,12 +299,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         sampling.set()
         bed.close()
-    records = res["records"]
+    for run, rec in zip(todo, res["records"]):
+        rec["link"] = run["link"]
+        earlier[(run["scheme"], run["link"])] = dict(rec, job=1 if args.resume else 0)
+    records = [earlier[(r["scheme"], r["link"])] for r in runs if (r["scheme"], r["link"]) in earlier]
     if not records:
         raise RuntimeError("no run finished")
-    for run, rec in zip(runs, records):
-        rec["link"] = run["link"]
-    missing = [f"{r['scheme']}@{r['link']}" for r in runs[len(records):]]
+    missing = [f"{r['scheme']}@{r['link']}" for r in runs if (r["scheme"], r["link"]) not in earlier]
     rows = build_rows(records, cfg["target"])
     goals = evaluate_goals(rows)
     load_after = os.getloadavg()
@@ -289,10 +317,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "cpus": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
                  "wall_s": time.monotonic() - t_start, "quick": args.quick, "epochs": cfg["epochs"],
                  "plot": png.name, "after_warmup_epoch": len(DGC_WARMUP),
-                 "lr_schedule": {"base": LR, "linear_warmup_epochs": LR_WARMUP_EPOCHS,
-                                 "times_0.1_from_fraction": LR_DECAY_AT},
+                 "lr_schedule": lr_schedule(),
                  "commlib_file": records[0].get("commlib_file"), "missing_runs": missing,
-                 "timeout_s": args.timeout})
+                 "timeout_s": args.timeout, "earlier_job": earlier_meta})
     loads = [x for _, x in load_samples] or [load_before[0]]
     meta["loadavg_1min_during"] = {"min": min(loads), "mean": sum(loads) / len(loads), "max": max(loads),
                                    "samples": load_samples}
@@ -311,6 +338,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{meta['loadavg_1min_during']['max']:.1f}) during, on {os.cpu_count()} CPUs"
         + (" (a loaded machine: times are indicative only)" if meta['loadavg_1min_during']['mean'] > 0.5 * (os.cpu_count() or 1) else "")
         + (f". Runs not finished within the {args.timeout:.0f} s limit: {', '.join(missing)}." if missing else "."))
+    if earlier_meta:
+        kept = [f"{r['scheme']}@{r['link']}" for r in records if r.get("job") == 0]
+        during = earlier_meta.get("loadavg_1min_during") or {}
+        meta["notes"] += (f" Two jobs (same configuration and data): {', '.join(kept)} ran in a first job that "
+                          f"stopped at its time limit (1-min load average {during.get('mean', float('nan')):.1f} "
+                          f"mean, {during.get('min', float('nan')):.1f}-{during.get('max', float('nan')):.1f}); "
+                          f"the load figures above are the second job's.")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "goals": goals, "rows": rows, "records": records}, indent=1))
     plot(records, cfg["target"], png)
