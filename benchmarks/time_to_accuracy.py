@@ -290,12 +290,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             try:
                 res = run_job(bed, todo, {"PYTHONPATH": str(ROOT)}, "tta", Path(tmp), args.timeout,
                               worker=HERE / "tta_worker.py", progress="steps in")
-            except TimeoutError as exc:  # keep the runs that finished (the worker rewrites its output after each)
-                part = Path(tmp) / "out-tta.json"
+            except (TimeoutError, RuntimeError) as exc:  # keep the runs that finished (the worker rewrites
+                part = Path(tmp) / "out-tta.json"               # its output after each)
                 if not part.exists():
                     raise
-                print(f"{exc}: reporting the runs that finished", file=sys.stderr, flush=True)
+                print(f"{exc}\nreporting the runs that finished", file=sys.stderr, flush=True)
                 res = json.loads(part.read_text())
+                res["stopped"] = str(exc).splitlines()[0]
     finally:
         sampling.set()
         bed.close()
@@ -319,7 +320,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                  "plot": png.name, "after_warmup_epoch": len(DGC_WARMUP),
                  "lr_schedule": lr_schedule(),
                  "commlib_file": records[0].get("commlib_file"), "missing_runs": missing,
-                 "timeout_s": args.timeout, "earlier_job": earlier_meta})
+                 "timeout_s": args.timeout, "earlier_job": earlier_meta,
+                 "stopped": res.get("stopped")})
     loads = [x for _, x in load_samples] or [load_before[0]]
     meta["loadavg_1min_during"] = {"min": min(loads), "mean": sum(loads) / len(loads), "max": max(loads),
                                    "samples": load_samples}
@@ -337,12 +339,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"{meta['loadavg_1min_during']['mean']:.1f} mean ({meta['loadavg_1min_during']['min']:.1f}-"
         f"{meta['loadavg_1min_during']['max']:.1f}) during, on {os.cpu_count()} CPUs"
         + (" (a loaded machine: times are indicative only)" if meta['loadavg_1min_during']['mean'] > 0.5 * (os.cpu_count() or 1) else "")
-        + (f". Runs not finished within the {args.timeout:.0f} s limit: {', '.join(missing)}." if missing else "."))
+        + (f". Runs not finished ({res.get('stopped')}): {', '.join(missing)}." if missing else "."))
     if earlier_meta:
         kept = [f"{r['scheme']}@{r['link']}" for r in records if r.get("job") == 0]
         during = earlier_meta.get("loadavg_1min_during") or {}
         meta["notes"] += (f" Two jobs (same configuration and data): {', '.join(kept)} ran in a first job that "
-                          f"stopped at its time limit (1-min load average {during.get('mean', float('nan')):.1f} "
+                          f"stopped early (1-min load average {during.get('mean', float('nan')):.1f} "
                           f"mean, {during.get('min', float('nan')):.1f}-{during.get('max', float('nan')):.1f}); "
                           f"the load figures above are the second job's.")
     out.parent.mkdir(parents=True, exist_ok=True)

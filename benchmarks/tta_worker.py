@@ -121,7 +121,10 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
     if "scheme" in spec and spec["scheme"].get("warmup"):
         spec = dict(spec, scheme=dict(spec["scheme"], steps_per_epoch=steps_per_epoch))
     model = CNN1D(xtr.shape[1], run["width"], run["hidden"], seed=run["seed"])
-    ddp = DDP(model)
+    # bucket_cap_mb given explicitly: then DDP's first iteration uses one bucket too (by default it is 1 MiB,
+    # so 2 buckets here). torch's PowerSGD hook issues collectives from future callbacks; with 2 buckets on
+    # gloo their order can differ between ranks (a collective size mismatch stopped a run)
+    ddp = DDP(model, bucket_cap_mb=25)
     worker_momentum = spec.get("momentum") == "worker"
     momentum = 0.0 if worker_momentum else float(spec.get("momentum", run["momentum"]))
     opt = torch.optim.SGD(ddp.parameters(), lr=run["lr"], momentum=momentum)
