@@ -63,6 +63,15 @@ SCHEMES: Dict[str, Dict[str, Any]] = {
     "topk-econtrol": {"scheme": {"compressor": "topk", "ratio": 0.01, "feedback": "econtrol",
                                  "feedback_options": {"eta": 0.1}}, "momentum": 0.0,
                       "label": "top-k 1% + EControl"},
+    # the same two with the optimizer step of the others: heavy-ball momentum 0.9 at lr 0.05 moves by about
+    # 0.05 / (1 - 0.9) = 0.5 gradients per step; EF21-SGDM's momentum is an average (eta g + (1 - eta) v) and
+    # EControl has none, so at lr 0.05 they move 10x less. lr_scale 10 = 1 / eta = 1 / (1 - 0.9).
+    "topk-ef21-sgdm-lr10": {"scheme": {"compressor": "topk", "ratio": 0.01, "feedback": "ef21-sgdm",
+                                       "feedback_options": {"eta": 0.1}}, "momentum": 0.0, "lr_scale": 10.0,
+                            "label": "top-k 1% + EF21-SGDM, lr x10"},
+    "topk-econtrol-lr10": {"scheme": {"compressor": "topk", "ratio": 0.01, "feedback": "econtrol",
+                                      "feedback_options": {"eta": 0.1}}, "momentum": 0.0, "lr_scale": 10.0,
+                           "label": "top-k 1% + EControl, lr x10"},
 }
 
 
@@ -127,7 +136,8 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
     ddp = DDP(model, bucket_cap_mb=25)
     worker_momentum = spec.get("momentum") == "worker"
     momentum = 0.0 if worker_momentum else float(spec.get("momentum", run["momentum"]))
-    opt = torch.optim.SGD(ddp.parameters(), lr=run["lr"], momentum=momentum)
+    base_lr = float(run["lr"]) * float(spec.get("lr_scale", 1.0))
+    opt = torch.optim.SGD(ddp.parameters(), lr=base_lr, momentum=momentum)
     state = _install(spec, ddp, opt, run["seed"], None)
     lossf = nn.CrossEntropyLoss()
     counter = TrafficCounter(world)
@@ -147,7 +157,7 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
                 if step == after_step:
                     bytes_at_after = counter.payload_bytes
                 for group in opt.param_groups:
-                    group["lr"] = lr_at(step, total_steps, run["lr"], lr_warmup, run.get("lr_decay_at"))
+                    group["lr"] = lr_at(step, total_steps, base_lr, lr_warmup, run.get("lr_decay_at"))
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=False)
                 lossf(ddp(xtr[idx]), ytr[idx]).backward()
@@ -166,7 +176,7 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
     link.ensure(None)
     rec = {"scheme": run["scheme"], "label": spec["label"], "rate": run.get("rate") or "none",
            "rate_applied": link.applied, "params": params, "steps": step, "epochs": epochs,
-           "steps_per_epoch": steps_per_epoch, "batch_per_rank": batch, "lr": run["lr"], "optimizer_momentum": momentum,
+           "steps_per_epoch": steps_per_epoch, "batch_per_rank": batch, "lr": base_lr, "optimizer_momentum": momentum,
            "train_s": train_s, "evals": evals, "final_test_acc": evals[-1]["test_acc"] if evals else None,
            "payload_bytes_per_step": counter.payload_bytes / max(1, step),
            "compression": 4 * params * step / counter.payload_bytes if counter.payload_bytes else None,
