@@ -17,8 +17,10 @@ Choices (each one the same for every scheme):
   quarter (a step decay, as in the DGC paper's CIFAR-10 runs). Momentum 0.9 in the optimizer,
   except where the scheme keeps it on the worker: DGC (momentum correction 0.9 with momentum
   factor masking, §3.2-3.3; the optimizer is plain SGD, biases get momentum after aggregation)
-  and EF21-SGDM / EControl (plain SGD, their own eta 0.1). No gradient clipping (the paper
-  clips locally for its RNNs only).
+  and EF21-SGDM / EControl (plain SGD, their own eta 0.1). Heavy-ball momentum 0.9 at lr 0.05
+  moves about 0.5 gradients per step; EF21-SGDM's momentum is an average and EControl has none,
+  so at the common lr they move 10x less: they also run with lr x10 (the "lr x10" rows). No
+  gradient clipping (the paper clips locally for its RNNs only).
 - Target: 95% test accuracy; dense all-reduce passes it after about a thousand steps.
 - DGC's sparsity warm-up (the "+ warm-up" variants): the paper's densities 25%, 6.25%, 1.5625%,
   0.4% over the first 4 epochs, then the target. With 12 epochs that is a third of the run
@@ -41,14 +43,15 @@ accuracy curve of a scheme does not depend on the link (the same arithmetic in t
 only its time axis does.
 
 Schemes: all-reduce (DDP's default), torch's fp16 and PowerSGD (rank 1, 4) hooks, commlib DGC
-at 99% and 99.9% with and without its sparsity warm-up, top-k 1% with EF, EF21-SGDM and EControl.
+at 99% and 99.9% with and without its sparsity warm-up, top-k 1% with EF, EF21-SGDM and EControl
+(the last two also at lr x10).
 
 Reported per (link, scheme): wall time of training to the target test accuracy and the step at
 which it was reached, final test accuracy after the same number of epochs, compression (whole
 run, after warm-up), mean step time, and a plot of test accuracy against training wall time
 (one panel per link).
 
-    python benchmarks/time_to_accuracy.py            # full: 12 epochs, 2 links, 11 schemes (root)
+    python benchmarks/time_to_accuracy.py            # full: 12 epochs, 2 links, 13 schemes (root)
     python benchmarks/time_to_accuracy.py --quick    # a few minutes: smaller CNN, 10 epochs, 4 schemes
 
 Needs root (network namespaces, tc); exits with 2 otherwise. ``--timeout`` bounds the torchrun
@@ -208,13 +211,16 @@ def plot(records: List[Dict[str, Any]], target: float, path: Path) -> None:
 
     links = [k for k in RATES if any(r["link"] == k for r in records)]
     fig, axes = plt.subplots(1, len(links), figsize=(6.5 * len(links), 4.5), squeeze=False)
+    colour = {name: plt.cm.tab20(i % 20) for i, name in enumerate(SCHEMES)}  # one colour per scheme, both panels
     for ax, link in zip(axes[0], links):
         for r in records:
             if r["link"] != link:
                 continue
             ax.plot([e["train_s"] for e in r["evals"]], [e["test_acc"] for e in r["evals"]], label=r["label"],
+                    color=colour[r["scheme"]], linewidth=1.2,
                     linestyle="--" if r["scheme"].startswith(("allreduce", "torch-")) else "-")
         ax.axhline(target, color="grey", linewidth=0.8)
+        ax.set_ylim(0.0, 1.0)
         ax.set_xscale("log")
         ax.set_xlabel("training wall time (s, log scale)")
         ax.set_ylabel("test accuracy")
