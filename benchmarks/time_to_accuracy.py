@@ -132,6 +132,18 @@ def resume_records(path: Path, cfg: Dict[str, Any]) -> Any:
                                            "link_goodput_bit_s", "timeout_s", "missing_runs")}
 
 
+def jobs_note(records: List[Dict[str, Any]], earlier_meta: Dict[str, Any]) -> str:
+    """Which runs came from the earlier job (--resume) and under what load."""
+    first = [f"{r['scheme']}@{r['link']}" for r in records if r.get("job") == 0]
+    second = [f"{r['scheme']}@{r['link']}" for r in records if r.get("job") != 0]
+    during = earlier_meta.get("loadavg_1min_during") or {}
+    how = "stopped early" if earlier_meta.get("missing_runs") else "finished"
+    return (f"Two jobs, same configuration and data: {len(first)} runs come from a first job that {how} "
+            f"(1-min load average {during.get('mean', float('nan')):.1f} mean, {during.get('min', float('nan')):.1f}-"
+            f"{during.get('max', float('nan')):.1f}; {earlier_meta.get('wall_s') or 0:.0f} s), the other "
+            f"{len(second)} ({', '.join(second)}) from a second one; the load figures above are the second job's.")
+
+
 def lr_schedule() -> Dict[str, Any]:
     return {"base": LR, "linear_warmup_epochs": LR_WARMUP_EPOCHS, "times_0.1_from_fraction": LR_DECAY_AT}
 
@@ -347,12 +359,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         + (" (a loaded machine: times are indicative only)" if meta['loadavg_1min_during']['mean'] > 0.5 * (os.cpu_count() or 1) else "")
         + (f". Runs not finished ({res.get('stopped')}): {', '.join(missing)}." if missing else "."))
     if earlier_meta:
-        kept = [f"{r['scheme']}@{r['link']}" for r in records if r.get("job") == 0]
-        during = earlier_meta.get("loadavg_1min_during") or {}
-        meta["notes"] += (f" Two jobs (same configuration and data): {', '.join(kept)} ran in a first job that "
-                          f"stopped early (1-min load average {during.get('mean', float('nan')):.1f} "
-                          f"mean, {during.get('min', float('nan')):.1f}-{during.get('max', float('nan')):.1f}); "
-                          f"the load figures above are the second job's.")
+        meta["notes"] += " " + jobs_note(records, earlier_meta)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"meta": meta, "goals": goals, "rows": rows, "records": records}, indent=1))
     plot(records, cfg["target"], png)
