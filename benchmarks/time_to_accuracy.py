@@ -5,7 +5,7 @@ Choices (each one the same for every scheme):
 
 - Task: MNIST-1D (Greydanus 2020, arXiv 2011.14439), generated here by the ``mnist1d`` package
   with its default generator (nothing downloaded): 10000 examples, 8000 train / 2000 test.
-- Model: a 1-D CNN (benchmarks/tta_worker.py), width 64, hidden 384: 570k parameters, 99.7% of
+- Model: a 1-D CNN (benchmarks/tta_worker.py), width 64, hidden 384: 570k parameters, 99.85% of
   them in the 5 weight tensors DGC compresses (the 842 bias entries travel dense, as in the DGC
   paper). Large enough that a dense gradient (2.3 MB) dominates a step at 100 Mbit/s (about
   180 ms on the wire against about 10 ms of compute on a quiet core), and that DGC 99.9% with
