@@ -157,7 +157,8 @@ def build_rows(records: List[Dict[str, Any]], target: float) -> List[Dict[str, A
                      "time_to_target_s": hit["train_s"] if hit else None, "steps_to_target": hit["step"] if hit else None,
                      "final_test_acc": r["final_test_acc"], "best_test_acc": max(e["test_acc"] for e in r["evals"]),
                      "compression": r["compression"], "compression_after_warmup": r.get("compression_after_warmup"),
-                     "after_warmup_from_step": r.get("after_warmup_from_step"), "train_s": r["train_s"], "step_ms": 1000 * r["train_s"] / r["steps"],
+                     "after_warmup_from_step": r.get("after_warmup_from_step"), "train_s": r["train_s"],
+                     "step_ms": 1000 * r["train_s"] / r["steps"],
                      "steps": r["steps"], "epochs": r["epochs"]})
     return rows
 
@@ -192,7 +193,8 @@ def markdown(rows: List[Dict[str, Any]], target: float, goals: Dict[str, Any], m
     out = [f"# Time to accuracy (MNIST-1D, 1-D CNN, 2 hosts)\n",
            f"{meta['notes']}\n",
            f"| link | scheme | time to {target:.0%} test acc (s) | steps to it | final test acc ({meta['epochs']} "
-           f"epochs) | best test acc | compression (whole run) | compression (epochs {meta['after_warmup_epoch'] + 1}+) "
+           f"epochs) | best test acc | compression (whole run) | "
+           f"compression (epochs {meta['after_warmup_epoch'] + 1}+) "
            "| step (ms) |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     order = {k: i for i, k in enumerate(RATES)}
@@ -302,7 +304,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 bed.shape(None if RATES[link] is None else link)
                 goodput[link] = link_check(bed)
             bed.shape(None)
-            print(f"{len(todo)} runs on {args.hosts} hosts ({len(earlier)} kept from {args.resume}); measured TCP goodput: "
+            print(f"{len(todo)} runs on {args.hosts} hosts ({len(earlier)} kept from {args.resume}); "
+                  "measured TCP goodput: "
                   + ", ".join(f"{RATE_LABEL[k]} {v / 1e6:.0f} Mbit/s" for k, v in goodput.items()), flush=True)
             # the workers import this checkout's commlib too (they run under `ip netns exec env ...`)
             try:
@@ -356,7 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"whole run and from epoch {len(DGC_WARMUP) + 1} on. 1-min load average {load_before[0]:.1f} before, "
         f"{meta['loadavg_1min_during']['mean']:.1f} mean ({meta['loadavg_1min_during']['min']:.1f}-"
         f"{meta['loadavg_1min_during']['max']:.1f}) during, on {os.cpu_count()} CPUs"
-        + (" (a loaded machine: times are indicative only)" if meta['loadavg_1min_during']['mean'] > 0.5 * (os.cpu_count() or 1) else "")
+        + (" (a loaded machine: times are indicative only)"
+           if meta["loadavg_1min_during"]["mean"] > 0.5 * (os.cpu_count() or 1) else "")
         + (f". Runs not finished ({res.get('stopped')}): {', '.join(missing)}." if missing else "."))
     if earlier_meta:
         meta["notes"] += " " + jobs_note(records, earlier_meta)
