@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ sys.path.insert(0, HERE)
 
 from bandwidth_worker import LinkControl, _install  # noqa: E402
 
+import commlib  # noqa: E402
 from commlib import ops  # noqa: E402
 from commlib.local.traffic import TrafficCounter  # noqa: E402
 
@@ -61,6 +63,15 @@ SCHEMES: Dict[str, Dict[str, Any]] = {
     "topk-econtrol": {"scheme": {"compressor": "topk", "ratio": 0.01, "feedback": "econtrol",
                                  "feedback_options": {"eta": 0.1}}, "momentum": 0.0,
                       "label": "top-k 1% + EControl"},
+    # the same two with the optimizer step of the others: heavy-ball momentum 0.9 at lr 0.05 moves by about
+    # 0.05 / (1 - 0.9) = 0.5 gradients per step; EF21-SGDM's momentum is an average (eta g + (1 - eta) v) and
+    # EControl has none, so at lr 0.05 they move 10x less. lr_scale 10 = 1 / eta = 1 / (1 - 0.9).
+    "topk-ef21-sgdm-lr10": {"scheme": {"compressor": "topk", "ratio": 0.01, "feedback": "ef21-sgdm",
+                                       "feedback_options": {"eta": 0.1}}, "momentum": 0.0, "lr_scale": 10.0,
+                            "label": "top-k 1% + EF21-SGDM, lr x10"},
+    "topk-econtrol-lr10": {"scheme": {"compressor": "topk", "ratio": 0.01, "feedback": "econtrol",
+                                      "feedback_options": {"eta": 0.1}}, "momentum": 0.0, "lr_scale": 10.0,
+                           "label": "top-k 1% + EControl, lr x10"},
 }
 
 
@@ -90,6 +101,17 @@ def load_data(path: str):
                 torch.from_numpy(d["x_test"]).float(), torch.from_numpy(d["y_test"]).long())
 
 
+def lr_at(step: int, total_steps: int, base_lr: float, warmup_steps: int, decay_at: Optional[float]) -> float:
+    """Learning rate for training step ``step`` (0-based) of ``total_steps``, the same for every
+    scheme: linear warm-up over ``warmup_steps`` (Goyal et al. 2017, arXiv 1706.02677; DGC's
+    warm-up training also starts with a smaller rate, Lin et al. 2018 §3.4), then ``base_lr``,
+    times 0.1 from the fraction ``decay_at`` of the run on (a step decay, as in the DGC paper's
+    CIFAR-10 runs)."""
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    decay = 0.1 if decay_at is not None and step >= decay_at * total_steps else 1.0
+    return base_lr * warm * decay
+
+
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return (model(x).argmax(1) == y).float().mean().item()
@@ -101,13 +123,21 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
     spec = SCHEMES[run["scheme"]]
     batch, epochs, every = int(run["batch"]), int(run["epochs"]), int(run["eval_every"])
     steps_per_epoch = xtr.shape[0] // (batch * world)
+    total_steps = epochs * steps_per_epoch
+    lr_warmup = int(round(float(run.get("lr_warmup_epochs", 0)) * steps_per_epoch))
+    # compression is reported over the whole run and over the epochs after DGC's sparsity warm-up
+    after_step = min(total_steps, int(run.get("sparsity_warmup_epochs", 0)) * steps_per_epoch)
     if "scheme" in spec and spec["scheme"].get("warmup"):
         spec = dict(spec, scheme=dict(spec["scheme"], steps_per_epoch=steps_per_epoch))
     model = CNN1D(xtr.shape[1], run["width"], run["hidden"], seed=run["seed"])
-    ddp = DDP(model)
+    # bucket_cap_mb given explicitly: then DDP's first iteration uses one bucket too (by default it is 1 MiB,
+    # so 2 buckets here). torch's PowerSGD hook issues collectives from future callbacks; with 2 buckets on
+    # gloo their order can differ between ranks (a collective size mismatch stopped a run)
+    ddp = DDP(model, bucket_cap_mb=25)
     worker_momentum = spec.get("momentum") == "worker"
     momentum = 0.0 if worker_momentum else float(spec.get("momentum", run["momentum"]))
-    opt = torch.optim.SGD(ddp.parameters(), lr=run["lr"], momentum=momentum)
+    base_lr = float(run["lr"]) * float(spec.get("lr_scale", 1.0))
+    opt = torch.optim.SGD(ddp.parameters(), lr=base_lr, momentum=momentum)
     state = _install(spec, ddp, opt, run["seed"], None)
     lossf = nn.CrossEntropyLoss()
     counter = TrafficCounter(world)
@@ -116,6 +146,7 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
     link.ensure(run.get("rate"))
     evals: List[Dict[str, float]] = []
     train_s, step = 0.0, 0
+    bytes_at_after = 0
     dist.barrier()
     counter.install()
     try:
@@ -123,6 +154,10 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
             perm = torch.randperm(xtr.shape[0], generator=gen)
             for i in range(steps_per_epoch):
                 idx = perm[(i * world + rank) * batch:(i * world + rank + 1) * batch]
+                if step == after_step:
+                    bytes_at_after = counter.payload_bytes
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, total_steps, base_lr, lr_warmup, run.get("lr_decay_at"))
                 t0 = time.perf_counter()
                 opt.zero_grad(set_to_none=False)
                 lossf(ddp(xtr[idx]), ytr[idx]).backward()
@@ -141,10 +176,14 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, link: LinkControl)
     link.ensure(None)
     rec = {"scheme": run["scheme"], "label": spec["label"], "rate": run.get("rate") or "none",
            "rate_applied": link.applied, "params": params, "steps": step, "epochs": epochs,
-           "steps_per_epoch": steps_per_epoch, "batch_per_rank": batch, "lr": run["lr"], "optimizer_momentum": momentum,
+           "steps_per_epoch": steps_per_epoch, "batch_per_rank": batch, "lr": base_lr, "optimizer_momentum": momentum,
            "train_s": train_s, "evals": evals, "final_test_acc": evals[-1]["test_acc"] if evals else None,
            "payload_bytes_per_step": counter.payload_bytes / max(1, step),
            "compression": 4 * params * step / counter.payload_bytes if counter.payload_bytes else None,
+           "compression_after_warmup": (4 * params * (step - after_step) / (counter.payload_bytes - bytes_at_after)
+                                        if step > after_step and counter.payload_bytes > bytes_at_after else None),
+           "after_warmup_from_step": after_step, "lr_warmup_steps": lr_warmup, "lr_decay_at": run.get("lr_decay_at"),
+           "commlib_file": commlib.__file__,
            "ops_backend": ops.backend() if "scheme" in spec else None}
     if state is not None:
         rec["commlib_compression"] = state.stats.compression  # dense bytes / payload bytes (commlib's count)
@@ -169,10 +208,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     runs = json.load(open(args.plan))
     data = load_data(args.data or os.path.join(os.path.dirname(args.plan), "data.npz"))
     link = LinkControl(args.control, rank)
-    records = [run_one(r, rank, world, data, link) for r in runs]
-    if rank == 0:
-        with open(args.out, "w") as f:
-            json.dump({"records": records, "ops_backend": ops.backend(), "native_status": ops.native_status()}, f)
+    records: List[Dict[str, Any]] = []
+    for r in runs:
+        records.append(run_one(r, rank, world, data, link))
+        if rank == 0:  # rewritten after every run: a job stopped early still leaves the runs it finished
+            tmp = args.out + ".part"
+            with open(tmp, "w") as f:
+                json.dump({"records": records, "ops_backend": ops.backend(), "native_status": ops.native_status(),
+                           "complete": len(records) == len(runs)}, f)
+            os.replace(tmp, args.out)
     dist.barrier()
     dist.destroy_process_group()
     return 0
