@@ -280,7 +280,10 @@ def run_job(bed: Testbed, runs: List[Dict[str, Any]], env_extra: Dict[str, str],
     rate_log: List[Dict[str, Any]] = []
     server = threading.Thread(target=serve_rate_requests, args=(bed, control, stop, rate_log), daemon=True)
     server.start()
-    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "cl0", "PYTHONUNBUFFERED": "1", **env_extra}
+    # the workers import this checkout's commlib (not whatever an editable install points at)
+    pythonpath = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "cl0", "PYTHONUNBUFFERED": "1",
+           "PYTHONPATH": pythonpath, **env_extra}
     procs, logs = [], []
     t0 = time.monotonic()
     try:

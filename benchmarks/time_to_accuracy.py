@@ -309,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                   + ", ".join(f"{RATE_LABEL[k]} {v / 1e6:.0f} Mbit/s" for k, v in goodput.items()), flush=True)
             # the workers import this checkout's commlib too (they run under `ip netns exec env ...`)
             try:
-                res = run_job(bed, todo, {"PYTHONPATH": str(ROOT)}, "tta", Path(tmp), args.timeout,
+                res = run_job(bed, todo, {}, "tta", Path(tmp), args.timeout,
                               worker=HERE / "tta_worker.py", progress="steps in")
             except (TimeoutError, RuntimeError) as exc:  # keep the runs that finished (the worker rewrites
                 part = Path(tmp) / "out-tta.json"               # its output after each)
