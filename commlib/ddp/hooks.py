@@ -47,8 +47,10 @@ def hook(state: HookState, bucket: dist.GradBucket, *unexpected) -> torch.future
 def run_group(state: HookState, tag, buf: torch.Tensor, params: Sequence[torch.Tensor],
               is_last: bool = True) -> torch.futures.Future:
     """Run the scheme on one group of gradients laid out flat in ``buf`` (a DDP bucket, or a
-    whole model for :func:`sync_gradients`); the future's value is ``buf`` holding the
-    directions. ``tag`` names the group's reusable communication buffers."""
+    whole model for :func:`sync_gradients`); the future's value holds the directions: ``buf``,
+    or, for the all-gathered mean when the gradients are not views of ``buf``, the group's
+    reused output buffer, which the next call with the same ``tag`` overwrites (copy it out
+    first, as DDP and :func:`sync_gradients` do). ``tag`` names the group's reusable buffers."""
     state.begin_bucket()
     worker = state.worker
     keys = [state.key_of(p) for p in params]
