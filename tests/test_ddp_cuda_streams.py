@@ -26,7 +26,8 @@ def test_reused_output_clear_is_ordered_before_the_callback_on_cuda(tmp_path, mo
 
         monkeypatch.setattr(packed.OutputBuffer, "clear", busy_then_clear)
         scheme = dict(compressor="topk", ratio=0.1)
-        on_cuda, on_cpu = commlib.ddp.HookState(commlib.Scheme(**scheme)), commlib.ddp.HookState(commlib.Scheme(**scheme))
+        on_cuda = commlib.ddp.HookState(commlib.Scheme(**scheme))
+        on_cpu = commlib.ddp.HookState(commlib.Scheme(**scheme))
         params = [torch.nn.Parameter(torch.zeros(100, 300)), torch.nn.Parameter(torch.zeros(40, 100))]
         cuda_params = [torch.nn.Parameter(p.detach().cuda()) for p in params]
         g = torch.randn(34000, generator=torch.Generator().manual_seed(0))
