@@ -4,7 +4,8 @@
 #      CUDA build and nvcc is found; the build log says which);
 #   2. runs scripts/gpu_check.py: the CUDA kernels against the CPU kernels bit for bit, commlib's
 #      DDP hook on CUDA tensors over NCCL (one process per visible GPU) against the same hook on
-#      the CPU, and the sparse-pack kernels against the device's copy bandwidth.
+#      the CPU, and the sparse-pack kernels against the device's copy bandwidth; before it, the
+#      hook's CUDA stream-order test (tests/test_ddp_cuda_streams.py).
 # Usage: scripts/gpu_check.sh [PYTHON]   (default: .venv/bin/python, else python3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +30,6 @@ fi
 grep -E "commlib setup:" .tmp/gpu_check_build.log || true
 echo "== built in $(( $(date +%s) - start )) s"
 PYTHONPATH="$PWD" "$PY" -c "from commlib import ops; print('native path:', ops.native_status())"
+echo "== the hook's clear ordered before its callback on CUDA (tests/test_ddp_cuda_streams.py)"
+PYTHONPATH="$PWD" timeout 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_ddp_cuda_streams.py
 PYTHONPATH="$PWD" timeout 280 "$PY" scripts/gpu_check.py

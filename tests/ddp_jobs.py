@@ -48,7 +48,8 @@ def shard(x, y, rank, world, step, batch):
 
 def train(rank, world, scheme, steps, *, bucket_cap_mb=25.0, lr=0.05, momentum=0.0, accumulate=1,
           frozen=False, unused=False, batch=16, loss_scale=1.0, nan_at=None, corrupt_rank=None,
-          state_in=None, state_out=None, start_step=0, blocking=False, bucket_view=False):
+          state_in=None, state_out=None, start_step=0, blocking=False, bucket_view=False,
+          corrupt_late=False):
     x, y = make_data()
     model = Net(frozen=frozen, unused=unused)
     ddp = DDP(model, bucket_cap_mb=bucket_cap_mb, find_unused_parameters=unused, gradient_as_bucket_view=bucket_view)
@@ -69,7 +70,12 @@ def train(rank, world, scheme, steps, *, bucket_cap_mb=25.0, lr=0.05, momentum=0
 
         def bad(msg, buf, checksum=False):
             end = orig(msg, buf, checksum)
-            buf[:4] = 0  # destroy the magic
+            if corrupt_late:  # on odd steps, the last payload's first index points past its tensor:
+                if msg.step % 2 and msg.payloads[-1].nnz:  # rejected after the earlier payloads were added
+                    pos = end - msg.payloads[-1].nbytes + 64
+                    buf[pos:pos + 4] = torch.tensor([1 << 30], dtype=torch.int32).view(torch.uint8)
+            else:
+                buf[:4] = 0  # destroy the magic
             return end
 
         P.seal = bad

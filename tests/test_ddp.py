@@ -61,6 +61,33 @@ def test_mean_into_bucket_views_equals_mean_into_reused_output(tmp_path, cfg):
 
 
 @pytest.mark.parametrize("cfg", [
+    {"compressor": "dgc", "ratio": 0.05, "feedback": "dgc"},
+    {"compressor": "topk", "ratio": 0.05, "feedback": "ef"},
+])
+def test_reused_output_under_no_sync_accumulation_and_unused_params(tmp_path, cfg):
+    """The reused output buffer with no_sync micro-steps, a frozen and a never-used parameter
+    (find_unused_parameters=True, the bucket rebuild after the first step): the same model bit for
+    bit as the mean added into the bucket views."""
+    kw = dict(accumulate=3, frozen=True, unused=True, bucket_cap_mb=0.01)
+    views = _train(tmp_path, 2, cfg, 5, "views", bucket_view=True, **kw)
+    reused = _train(tmp_path, 2, cfg, 5, "reused", **kw)
+    assert _same(views[0]["model"], reused[0]["model"]) and _same(reused[0]["model"], reused[1]["model"])
+
+
+@pytest.mark.parametrize("cap", [0.01, 25.0])
+def test_reused_output_with_a_rank_rejected_mid_decode_every_other_step(tmp_path, cap):
+    """Rank 1's last payload carries an index out of range on odd steps: it is left out after its
+    earlier payloads were added, and the group is added again without it. The reused output
+    buffer gives the same model as the bucket views, and both ranks agree."""
+    cfg = {"compressor": "topk", "ratio": 0.05, "feedback": "ef"}
+    kw = dict(bucket_cap_mb=cap, corrupt_rank=1, corrupt_late=True)
+    views = _train(tmp_path, 2, cfg, 6, "views", bucket_view=True, **kw)
+    reused = _train(tmp_path, 2, cfg, 6, "reused", **kw)
+    assert _same(views[0]["model"], reused[0]["model"]) and _same(reused[0]["model"], reused[1]["model"])
+    assert reused[0]["rejected"] == views[0]["rejected"] and set(reused[0]["rejected"]) == {1}
+
+
+@pytest.mark.parametrize("cfg", [
     {"compressor": "dgc", "ratio": 0.05, "feedback": "ef21"},
     {"compressor": "topk", "ratio": 0.05, "feedback": "econtrol", "feedback_options": {"eta": 0.2}},
     {"compressor": "dgc", "ratio": 0.05, "feedback": "dgc", "warmup": "dgc", "steps_per_epoch": 2},

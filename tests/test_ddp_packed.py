@@ -191,3 +191,85 @@ def test_output_buffer_reused_across_steps_equals_a_fresh_bucket(backend):
                 assert not sec[rest].any()
         if step == 4:
             buf[7] = 1.0  # someone else wrote into it: the next step must zero it whole
+
+
+def _hostile_rows(n, numels, gen, step, event):
+    """n ranks' messages at ``step``: sparse payloads with a fresh support each step (indices in
+    range, ascending), changed by ``event``: 'late_reject' (rank 1's last payload has an index
+    out of range: rejected after its earlier payloads were added), 'huge' (values whose sum
+    overflows float32: the float64 redo), 'dense' (a dense payload), 'skip' (rank 0 skips all)."""
+    cap = MESSAGE_HEADER_BYTES + sum(64 + 8 * m + 8 for m in numels)
+    rows = torch.zeros(n, (cap + 7) & ~7, dtype=torch.uint8)
+    for r in range(n):
+        pl = []
+        for j, m in enumerate(numels):
+            k = int(torch.randint(1, m + 1, (1,), generator=gen))
+            idx = torch.randperm(m, generator=gen)[:k].sort().values
+            vals = torch.randn(k, generator=gen)
+            if event == "huge" and j == 0:
+                vals = torch.full((k,), 3.0e38)
+            if event == "dense" and j == len(numels) - 1:
+                pl.append(Payload.dense(torch.randn(m, generator=gen), slot=j))
+            elif event == "skip" and r == 0:
+                pl.append(Payload.skip(m, slot=j))
+            else:
+                pl.append(Payload.sparse(idx, vals, m, scale=1.0 if event == "huge" else 0.25, slot=j))
+        Message(pl, sender=r, step=step).encode_into(rows[r], checksum=True)
+        if event == "late_reject" and r == 1:  # an index of the last payload points past the tensor
+            pos = MESSAGE_HEADER_BYTES
+            for p in pl[:-1]:
+                pos += p.nbytes
+            rows[r, pos + 64:pos + 68] = torch.tensor([numels[-1] + 5], dtype=torch.int32).view(torch.uint8)
+    return rows
+
+
+def test_output_buffer_in_hook_order_equals_decode_group_over_hostile_steps(backend):
+    """The hook's order (take, clear every section while the all-gather runs, gathered_mean with
+    ``already_clear``, done) over steps whose supports change and where a rank is rejected after
+    some of its entries were added, a sum overflows, a payload is dense, a rank skips: every
+    step equals SchemeServer.decode_group bit for bit, and nothing of an earlier step remains."""
+    gen = torch.Generator().manual_seed(11)
+    numels = [257, 31, 64]
+    events = [None, "late_reject", None, "huge", None, "dense", None, "skip", "late_reject", None]
+    out = packed.OutputBuffer()
+    scheme = Scheme("identity")
+    for step, event in enumerate(events):
+        rows = _hostile_rows(3, numels, gen, step, event)
+        received, want_rej = [], []
+        for r in range(3):
+            try:
+                received.append(Message.decode_from(rows[r], numels=numels, require_checksum=True).payloads)
+            except Exception:
+                want_rej.append(r)
+                received.append([None] * len(numels))
+        want = scheme.server(3).decode_group([f"k{j}" for j in range(len(numels))], numels, received)
+        buf = out.take(numels, torch.device("cpu"))
+        for j in range(len(numels)):
+            out.clear(j)
+        rej = []
+        touched = packed.gathered_mean(rows, out.sections, step=step, increments=False, checksum=True,
+                                       max_abs=None, reject=rej.append, clear=packed.already_clear)
+        out.done(touched)
+        assert (touched[0] is None) == (event == "huge") and (touched[-1] is None) == (event == "dense")
+        assert rej == want_rej == ([1] if event == "late_reject" else []), step
+        assert torch.equal(buf, torch.cat(want)), (step, event)
+
+
+def test_output_buffer_zeroed_whole_after_a_step_that_did_not_finish():
+    """A step that wrote into the buffer and never reached done() (the callback raised) leaves
+    values nowhere recorded: the next take must zero it whole. Here the new buffer of a changed
+    layout (DDP's bucket rebuild) reaches the same version count as the old one had, which must
+    not pass for 'unchanged since done()'."""
+    out = packed.OutputBuffer()
+    cpu = torch.device("cpu")
+    out.take([4, 4], cpu)
+    out.sections[0][1] = 2.0  # step 1 writes entry 1 ...
+    out.done([torch.tensor([1]), torch.zeros(0, dtype=torch.int64)])  # ... and finishes
+    buf = out.take([6, 6], cpu)  # another layout: a fresh buffer
+    for j in range(2):
+        out.clear(j)
+    out.sections[1][3] = 7.0  # step 2 writes, then its callback raises: no done()
+    buf = out.take([6, 6], cpu)
+    for j in range(2):
+        out.clear(j)
+    assert not buf.any()

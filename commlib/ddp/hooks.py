@@ -47,8 +47,10 @@ def hook(state: HookState, bucket: dist.GradBucket, *unexpected) -> torch.future
 def run_group(state: HookState, tag, buf: torch.Tensor, params: Sequence[torch.Tensor],
               is_last: bool = True) -> torch.futures.Future:
     """Run the scheme on one group of gradients laid out flat in ``buf`` (a DDP bucket, or a
-    whole model for :func:`sync_gradients`); the future's value is ``buf`` holding the
-    directions. ``tag`` names the group's reusable communication buffers."""
+    whole model for :func:`sync_gradients`); the future's value holds the directions: ``buf``,
+    or, for the all-gathered mean when the gradients are not views of ``buf``, the group's
+    reused output buffer, which the next call with the same ``tag`` overwrites (copy it out
+    first, as DDP and :func:`sync_gradients` do). ``tag`` names the group's reusable buffers."""
     state.begin_bucket()
     worker = state.worker
     keys = [state.key_of(p) for p in params]
@@ -248,10 +250,13 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
             sections = result.sections
             for j in range(len(sections)):
                 result.clear(j)
+    cleared = _mark_stream(buf.device) if fast_mean else None
 
     def finish(fut: torch.futures.Future) -> torch.Tensor:
         rows = recv.view(n, capacity)
         if fast_mean:
+            if cleared is not None:  # the clear before the first sum
+                torch.cuda.current_stream(buf.device).wait_event(cleared)
             touched = packed.gathered_mean(rows, sections, step=step, increments=scheme.feedback.increments,
                                            checksum=checksum, max_abs=max_abs, reject=state.count_rejected,
                                            clear=packed.already_clear)
@@ -277,6 +282,17 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
         return _write_back(buf, numels, dirs)
 
     return work.get_future().then(finish)
+
+
+def _mark_stream(device: torch.device) -> Optional["torch.cuda.Event"]:
+    """An event after the work queued so far on ``device``'s current stream (None off CUDA). A
+    future's callback runs on a pool stream synchronised with the collective's kernels only, not
+    with what the hook queued after starting it (torch.futures.Future.then)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record(torch.cuda.current_stream(device))
+    return event
 
 
 def _all_gather_flat(out: torch.Tensor, inp: torch.Tensor, group) -> dist.Work:

@@ -180,6 +180,7 @@ class OutputBuffer:
             self.written = [None] * len(numels)  # another layout, or written by someone else
         self.numels = numels
         self.sections = list(torch.split(self.buf, list(numels)))
+        self.version = -1  # the record holds again only after done(): a step that raises never gets there
         return self.buf
 
     def clear(self, j: int) -> None:
