@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from commlib.comm.auth import AUTH_OVERHEAD
 from commlib.comm.base import DEFAULT_MAX_MESSAGE_BYTES, Received, Transport
 from commlib.comm.bundle import Bundled, pack_bundle, unpack_bundle, unpack_ranks
-from commlib.comm.ray_transport import LocalInbox, _ray, inbox_actor
+from commlib.comm.ray_transport import LocalInbox, RayPeers, _ray, inbox_actor
 from commlib.errors import ConfigError, PayloadError
 
 
@@ -67,7 +67,7 @@ def bundle_mailbox_actor(**options: Any):
     return inbox_actor(_BundleMailboxImpl, **options)
 
 
-class BundleRayTransport(Transport):
+class BundleRayTransport(RayPeers, Transport):
     """The driver's endpoint (rank 0 by default) to actors that host many ranks each.
 
     Args:
@@ -99,15 +99,6 @@ class BundleRayTransport(Transport):
         self.bundles_received = 0
         for r, h in peers.items():
             self.set_peer(r, h)
-
-    def set_peer(self, rank: int, handle: Any) -> None:
-        """Install (or replace, after a restart) the actor hosting ``rank``."""
-        if not 0 <= int(rank) < self.world_size or int(rank) == self.rank:
-            raise ConfigError(f"bad peer rank {rank}")
-        with self._lock:
-            self._peers[int(rank)] = handle
-            self._seq[int(rank)] = 0
-        self.mark_alive(int(rank))
 
     def _send(self, dst: int, data: bytes) -> bool:
         handle = self._peers.get(dst)

@@ -235,7 +235,20 @@ def mailbox_actor(**options: Any):
 
 
 @TRANSPORTS.register("ray")
-class RayTransport(Transport):
+class RayPeers:
+    """Peer actor handles of a Ray transport (``_peers``, ``_seq``, ``_lock`` set by the class)."""
+
+    def set_peer(self, rank: int, handle: Any) -> None:
+        """Install (or replace, after a restart) the actor hosting ``rank``."""
+        if not 0 <= int(rank) < self.world_size or int(rank) == self.rank:
+            raise ConfigError(f"bad peer rank {rank}")
+        with self._lock:
+            self._peers[int(rank)] = handle
+            self._seq[int(rank)] = 0  # a new actor's inbox starts our stream from the beginning
+        self.mark_alive(int(rank))
+
+
+class RayTransport(RayPeers, Transport):
     """One rank's endpoint: ``peers`` maps rank -> actor handle with ``deliver``; ``inbox`` is a
     :class:`LocalInbox` (inside an actor) or a Mailbox actor handle (in the driver). ``auth``:
     the job key (default ``"env"``: from ``COMMLIB_SECRET``, required unless ``COMMLIB_AUTH=none``;
@@ -260,15 +273,6 @@ class RayTransport(Transport):
         self._peers: Dict[int, Any] = {}
         for r, h in peers.items():
             self.set_peer(r, h)
-
-    def set_peer(self, rank: int, handle: Any) -> None:
-        """Install (or replace, after a restart) the actor of ``rank``."""
-        if not 0 <= int(rank) < self.world_size or int(rank) == self.rank:
-            raise ConfigError(f"bad peer rank {rank}")
-        with self._lock:
-            self._peers[int(rank)] = handle
-            self._seq[int(rank)] = 0  # a new actor's inbox starts our stream from the beginning
-        self.mark_alive(int(rank))
 
     def _send(self, dst: int, data: bytes) -> bool:
         handle = self._peers.get(dst)
