@@ -56,7 +56,7 @@ def _ps_scheme(agg, opts):
 
 @pytest.mark.parametrize("agg,opts", AGGREGATORS, ids=[a for a, _ in AGGREGATORS])
 def test_ps_survives_every_forged_push(agg, opts):
-    from test_ps import DDPJobTask
+    from ps_task import DDPJobTask
 
     n, extra = 6, 8
     steps = len(ROWS) + extra
@@ -81,7 +81,7 @@ def _ps_rank(rank, world, port, out, rows):
     torch.set_num_threads(1)
     from commlib.comm.torch_dist import TorchDistTransport, init_from_env
     from commlib.ps import ParameterServer, PSWorker
-    from test_ps import DDPJobTask
+    from ps_task import DDPJobTask
 
     scheme = _ps_scheme("median", {})
     config = PSConfig(steps=len(rows) + 6, step_timeout=1.0, optimizer={"name": "sgd", "lr": 0.1},

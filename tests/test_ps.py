@@ -7,32 +7,18 @@ import time
 
 import pytest
 import torch
-import torch.nn as nn
 
 from commlib import Scheme
 from commlib.comm.inproc import InprocHub
 from commlib.errors import ConfigError
-from commlib.ps import InprocJob, ParameterServer, PSConfig, PSWorker, Task, WorkerHooks, run_inproc
+from commlib.ps import InprocJob, ParameterServer, PSConfig, PSWorker, WorkerHooks, run_inproc
 from commlib.ps import checkpoint as ckpt
 from commlib.ps.worker import WorkerCrashed
-from ddp_jobs import Net, job_train, make_data, shard
+from ddp_jobs import Net, job_train
 from dist_utils import run
+from ps_task import DDPJobTask
 
-X, Y = make_data()
 EF21 = {"compressor": "topk", "ratio": 0.1, "feedback": "ef21"}
-
-
-class DDPJobTask(Task):
-    """The model, data and per-(rank, step) batches of tests/ddp_jobs.py (batch 16)."""
-
-    num_classes = 4
-
-    def build_model(self):
-        return Net()
-
-    def loss(self, model, worker, n_workers, step, *, flip_labels=False):
-        xb, yb = shard(X, Y, worker, n_workers, step, 16)
-        return nn.functional.cross_entropy(model(xb), yb)
 
 
 def cfg(**kw):

@@ -5,27 +5,13 @@ resume per shard, and what is refused."""
 
 import pytest
 import torch
-import torch.nn as nn
 
 from commlib.aggregate.points import Part, Points, vectors_in_parts
 from commlib.errors import ConfigError
-from commlib.ps import InprocJob, PSConfig, Task, WorkerHooks
+from commlib.ps import InprocJob, PSConfig, WorkerHooks
 from commlib.ps.shards import InprocShardExchange, shard_ranges
 from commlib.ps.sharded_local import ShardedInprocJob
-from ddp_jobs import Net, make_data, shard
-
-X, Y = make_data()
-
-
-class NetTask(Task):
-    num_classes = 4
-
-    def build_model(self):
-        return Net()
-
-    def loss(self, model, worker, n_workers, step, *, flip_labels=False):
-        xb, yb = shard(X, Y, worker, n_workers, step, 16)
-        return nn.functional.cross_entropy(model(xb), yb)
+from ps_task import DDPJobTask
 
 
 def cfg(**kw):
@@ -36,14 +22,14 @@ def cfg(**kw):
 
 
 def plain(scheme, n, config):
-    job = InprocJob(NetTask(), scheme, config, n)
+    job = InprocJob(DDPJobTask(), scheme, config, n)
     res = job.run()
     assert res["steps"] == config.steps
     return {k: v.detach().clone() for k, v in job.server.model.state_dict().items()}
 
 
 def sharded(scheme, n, config, k):
-    res = ShardedInprocJob(NetTask(), scheme, config, n, k).run()
+    res = ShardedInprocJob(DDPJobTask(), scheme, config, n, k).run()
     assert res["status"] == "done" and res["steps"] == config.steps, res["status"]
     assert all(s["totals"]["applied"] == n * config.steps for s in res["shards"])
     return res["model_state"]
@@ -148,10 +134,10 @@ def test_a_push_one_shard_rejects_is_applied_by_no_shard():
     # worker 0's push of step 2 reaches shards 0 and 2 intact, shard 1 garbled: the shards agree
     # to leave it out everywhere, as the unsharded server leaves out a rejected push
     scheme, config = {"compressor": "identity"}, cfg(steps=4, max_misses=10, step_timeout=2.0)
-    job = InprocJob(NetTask(), scheme, config, 3, hooks={0: Garble(2)})
+    job = InprocJob(DDPJobTask(), scheme, config, 3, hooks={0: Garble(2)})
     ref = job.run()
     assert ref["totals"]["rejected"] == 1
-    res = ShardedInprocJob(NetTask(), scheme, config, 3, 3, hooks={0: {1: Garble(2)}}).run()
+    res = ShardedInprocJob(DDPJobTask(), scheme, config, 3, 3, hooks={0: {1: Garble(2)}}).run()
     rejected = [s["totals"]["rejected"] for s in res["shards"]]
     assert rejected == [0, 1, 0] and [s["shard"]["dropped"] for s in res["shards"]] == [1, 0, 1]
     assert all(s["workers"][0]["applied"] == 3 for s in res["shards"])
@@ -164,15 +150,15 @@ def test_shards_checkpoint_and_resume_each_to_the_uninterrupted_run(tmp_path):
     path = str(tmp_path / "server.pt")
     sharded(scheme, 3, cfg(steps=3, checkpoint=path), 3)
     assert all((tmp_path / f"server.pt.shard{i}").exists() for i in range(3))
-    res = ShardedInprocJob(NetTask(), scheme, cfg(steps=6, checkpoint=path, resume=True), 3, 3).run()
+    res = ShardedInprocJob(DDPJobTask(), scheme, cfg(steps=6, checkpoint=path, resume=True), 3, 3).run()
     assert res["steps"] == 6 and all(s["incarnation"] == 1 for s in res["shards"])
     assert close(res["model_state"], full)
 
 
 def test_sharding_refuses_what_cannot_be_split_by_keys():
     with pytest.raises(ConfigError, match="async"):
-        ShardedInprocJob(NetTask(), {"compressor": "identity"}, cfg(mode="async"), 2, 2)
+        ShardedInprocJob(DDPJobTask(), {"compressor": "identity"}, cfg(mode="async"), 2, 2)
     with pytest.raises(ConfigError, match="coding"):
-        ShardedInprocJob(NetTask(), {"compressor": "identity"}, cfg(coding="auto", straggler_tolerance=1), 2, 2)
+        ShardedInprocJob(DDPJobTask(), {"compressor": "identity"}, cfg(coding="auto", straggler_tolerance=1), 2, 2)
     with pytest.raises(ConfigError):
-        ShardedInprocJob(NetTask(), {"compressor": "identity"}, cfg(), 2, 7)  # 6 parameters
+        ShardedInprocJob(DDPJobTask(), {"compressor": "identity"}, cfg(), 2, 7)  # 6 parameters
