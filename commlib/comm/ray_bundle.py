@@ -18,8 +18,6 @@ bytes cross actor boundaries, and every bundle is parsed as hostile input.
 """
 from __future__ import annotations
 
-import os
-import threading
 from typing import Any, Dict, List, Optional, Tuple
 
 from commlib.comm.auth import AUTH_OVERHEAD
@@ -88,27 +86,20 @@ class BundleRayTransport(RayPeers, Transport):
         self.flush_items, self.take_items = int(flush_items), int(take_items)
         if self.flush_items < 1 or self.take_items < 1:
             raise ConfigError("flush_items and take_items must be >= 1")
-        self._lock = threading.Lock()
-        self._stream = int.from_bytes(os.urandom(4), "little")
-        self._seq: Dict[int, int] = {}
-        self._peers: Dict[int, Any] = {}
         self._queued: Dict[Any, List[Bundled]] = {}
         self._calls: Dict[Any, Tuple[Any, List[int]]] = {}
         self._got: List[Received] = []
         self.bundles_sent = 0
         self.bundles_received = 0
-        for r, h in peers.items():
-            self.set_peer(r, h)
+        self._init_peers(peers)
 
     def _send(self, dst: int, data: bytes) -> bool:
-        handle = self._peers.get(dst)
-        if handle is None or self.is_dead(dst):
+        handle = self._live_peer(dst)
+        if handle is None:
             return False
         with self._lock:
-            seq = self._seq.get(dst, 0)
-            self._seq[dst] = seq + 1
             queue = self._queued.setdefault(handle, [])
-            queue.append(Bundled(self.rank, dst, self._stream, seq, data))
+            queue.append(Bundled(self.rank, dst, self._stream, self._next_seq(dst), data))
             if len(queue) >= self.flush_items:
                 self._ship(handle)
         return True

@@ -236,7 +236,27 @@ def mailbox_actor(**options: Any):
 
 @TRANSPORTS.register("ray")
 class RayPeers:
-    """Peer actor handles of a Ray transport (``_peers``, ``_seq``, ``_lock`` set by the class)."""
+    """The peer actors of a Ray transport and this endpoint's numbered message stream to each
+    (actor calls run in any order: the receiving inbox puts ``seq`` back in order)."""
+
+    def _init_peers(self, peers: Dict[int, Any]) -> None:
+        self._lock = threading.Lock()
+        self._stream = int.from_bytes(os.urandom(4), "little")  # this endpoint's message stream id
+        self._seq: Dict[int, int] = {}
+        self._peers: Dict[int, Any] = {}
+        for r, h in peers.items():
+            self.set_peer(r, h)
+
+    def _live_peer(self, dst: int) -> Optional[Any]:
+        """The actor hosting ``dst``, or None when there is none or ``dst`` is dead."""
+        handle = self._peers.get(dst)
+        return None if handle is None or self.is_dead(dst) else handle
+
+    def _next_seq(self, dst: int) -> int:
+        """The next sequence number of this endpoint's stream to ``dst`` (lock held)."""
+        seq = self._seq.get(dst, 0)
+        self._seq[dst] = seq + 1
+        return seq
 
     def set_peer(self, rank: int, handle: Any) -> None:
         """Install (or replace, after a restart) the actor hosting ``rank``."""
@@ -267,21 +287,14 @@ class RayTransport(RayPeers, Transport):
         self._local = isinstance(inbox, LocalInbox)
         self._calls: List[Any] = []
         self._call_dst: Dict[Any, int] = {}
-        self._lock = threading.Lock()
-        self._stream = int.from_bytes(os.urandom(4), "little")  # this endpoint's message stream id
-        self._seq: Dict[int, int] = {}
-        self._peers: Dict[int, Any] = {}
-        for r, h in peers.items():
-            self.set_peer(r, h)
+        self._init_peers(peers)
 
     def _send(self, dst: int, data: bytes) -> bool:
-        handle = self._peers.get(dst)
-        if handle is None or self.is_dead(dst):
+        handle = self._live_peer(dst)
+        if handle is None:
             return False
         with self._lock:
-            seq = self._seq.get(dst, 0)
-            self._seq[dst] = seq + 1
-            ref = handle.deliver.remote(self.rank, self._stream, seq, data)
+            ref = handle.deliver.remote(self.rank, self._stream, self._next_seq(dst), data)
             self._calls.append(ref)
             self._call_dst[ref] = dst
             if len(self._calls) >= self._REAP_EVERY:
