@@ -34,6 +34,7 @@ from commlib.compress.identity import FP16
 from commlib.errors import PayloadError
 from commlib.ddp import packed
 from commlib.ddp.checks import check_hook_call
+from commlib.ddp.exit_guard import then_released
 from commlib.wire import MESSAGE_HEADER_BYTES, Kind, Message, Payload
 from commlib.ddp.state import HookState
 
@@ -63,7 +64,7 @@ def run_group(state: HookState, tag, buf: torch.Tensor, params: Sequence[torch.T
     if dense_path:
         payloads = worker.encode_group(keys, grads, shapes=shapes, params=flat_params)
         if _in_place(state):
-            fut = _allreduce_in_place(state, buf, keys, numels, payloads, dense_flags)
+            fut = _allreduce_in_place(state, tag, buf, keys, numels, payloads, dense_flags)
         else:
             fut = _allreduce(state, tag, buf, keys, numels, payloads, dense_flags)
     else:
@@ -121,7 +122,7 @@ def _in_place(state: HookState) -> bool:
     return type(sch.compressor) is Identity and type(sch.feedback) is NoFeedback
 
 
-def _allreduce_in_place(state: HookState, buf: torch.Tensor, keys: List[str], numels: List[int],
+def _allreduce_in_place(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels: List[int],
                         payloads: List[Payload], dense_flags: List[bool]) -> torch.futures.Future:
     """All-reduce the bucket in place (divided by n first, like DDP) plus one tiny all-reduce of
     per-tensor contribution counts, so a rank that skipped a non-finite tensor is left out of
@@ -129,7 +130,9 @@ def _allreduce_in_place(state: HookState, buf: torch.Tensor, keys: List[str], nu
     group = state.process_group
     n = state.world_size
     sections = torch.split(buf, numels)
-    counts = torch.ones(len(numels), dtype=torch.float32, device=buf.device)
+    # a buffer the state keeps: the collective's thread never holds the last reference to a
+    # Python-made tensor (releasing it would take the GIL, see commlib.ddp.exit_guard)
+    counts = state.buffer(("counts", tag), len(numels), torch.float32, buf.device).fill_(1.0)
     for j, p in enumerate(payloads):
         if p.kind == Kind.SKIP:
             sections[j].zero_()
@@ -152,7 +155,7 @@ def _allreduce_in_place(state: HookState, buf: torch.Tensor, keys: List[str], nu
         return _write_back(buf, numels, dirs) if any(
             d.data_ptr() != s.data_ptr() for d, s in zip(dirs, sections)) else buf
 
-    return work.get_future().then(finish)
+    return then_released(work.get_future(), finish)
 
 
 def _write_back(buf: torch.Tensor, numels: Sequence[int], dirs: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -211,7 +214,7 @@ def _allreduce(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
             aggs.append(agg * factor if factor != 1.0 else agg)
         return _write_back(buf, numels, server.finish(keys, aggs, dense_flags))
 
-    return work.get_future().then(finish)
+    return then_released(work.get_future(), finish)
 
 
 def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels: List[int],
@@ -281,7 +284,7 @@ def _allgather(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels
                                    device=buf.device)
         return _write_back(buf, numels, dirs)
 
-    return work.get_future().then(finish)
+    return then_released(work.get_future(), finish)
 
 
 def _mark_stream(device: torch.device) -> Optional["torch.cuda.Event"]:
