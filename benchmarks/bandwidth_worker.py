@@ -48,6 +48,10 @@ from commlib.local.traffic import TrafficCounter
 #: papers; with momentum 0.9 at 0.1% density both oscillate on this task), absent = the run's momentum.
 SCHEMES: Dict[str, Dict[str, Any]] = {
     "allreduce": {"baseline": "allreduce", "label": "all-reduce (DDP default)"},
+    # timing only: DDP with a hook that communicates nothing (each rank keeps its own gradient), so
+    # its step is compute plus DDP's own per-bucket work (copies in and out of the buckets, the hook
+    # call): the floor under any hook's step with the same DDP settings
+    "ddp-floor": {"baseline": "noop", "label": "DDP floor (hook without communication)", "timing_only": True},
     "commlib-identity": {"scheme": {"compressor": "identity"}, "label": "commlib hook, no compression"},
     "torch-fp16": {"baseline": "fp16", "label": "torch fp16 hook"},
     "torch-powersgd-1": {"baseline": "powersgd", "rank": 1, "label": "torch PowerSGD rank 1"},
@@ -158,6 +162,9 @@ def _install(spec: Dict[str, Any], ddp: DDP, opt: torch.optim.Optimizer, seed: i
     kind = spec["baseline"]
     if kind == "allreduce":
         return None
+    if kind == "noop":
+        ddp.register_comm_hook(None, _no_communication)
+        return None
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook
 
     if kind == "fp16":
@@ -169,6 +176,13 @@ def _install(spec: Dict[str, Any], ddp: DDP, opt: torch.optim.Optimizer, seed: i
     else:
         raise ValueError(f"unknown baseline {kind!r}")
     return None
+
+
+def _no_communication(_, bucket):  # no return annotation: DDP checks it, and this module's are strings
+    """A DDP comm hook that returns the bucket as it is (the "ddp-floor" timing baseline)."""
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 def _median(xs: List[float]) -> Optional[float]:

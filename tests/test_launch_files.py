@@ -155,6 +155,7 @@ def test_bandwidth_plan_and_root_check(monkeypatch, capsys):
                for r in runs)
     conv = [r for r in runs if r.get("eval_every")]
     assert conv and all(r["model"] == "1M" and r["target"] == bandwidth.TARGET_ACC for r in conv)
+    assert not [r for r in conv if SCHEMES[r["scheme"]].get("timing_only")]  # ddp-floor: replicas drift
     # the compute-only step is measured once per model, in a run that is kept after the scheme filter
     narrow = [r for r in bandwidth.build_plan(False, {"100mbit": ("10M", "50M")}, 6.0, 150)[0]
               if r["scheme"] in ("allreduce", "dgc")]
@@ -194,7 +195,7 @@ def test_bandwidth_worker_smoke(tmp_path):
     plan = [dict(scheme=s, model="tiny", width=32, steps=6, warmup=2, lr=0.1, momentum=0.9,
                  eval_every=3 if s == "dgc" else 0, target=0.05, max_s=None if s == "dgc" else 60.0,
                  compute_steps=2 if s == "allreduce" else 0)
-            for s in ("allreduce", "torch-powersgd-1", "dgc")]
+            for s in ("allreduce", "ddp-floor", "torch-powersgd-1", "dgc")]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(ROOT / "benchmarks" / "bandwidth_worker.py"), "--plan", str(tmp_path / "plan.json"),
@@ -202,7 +203,8 @@ def test_bandwidth_worker_smoke(tmp_path):
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     recs = {x["scheme"]: x for x in json.loads((tmp_path / "out.json").read_text())["records"]}
-    assert set(recs) == {"allreduce", "torch-powersgd-1", "dgc"}
+    assert set(recs) == {"allreduce", "ddp-floor", "torch-powersgd-1", "dgc"}
+    assert recs["ddp-floor"]["payload_bytes_per_step"] == 0  # DDP's own cost only: nothing communicated
     for rec in recs.values():
         assert rec["steps"] == 6 and len(rec["step_s"]) == 4 and rec["median_step_s"] > 0
         assert rec["rate_applied"] is False
