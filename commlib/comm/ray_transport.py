@@ -110,7 +110,14 @@ def ray_start(address: Optional[str] = None, num_cpus: Optional[int] = None, **i
 
             _REAPER = start_reaper(os.path.dirname(os.path.abspath(ray.__file__)))
     else:
-        ray.init(address=address, **kw)
+        try:
+            ray.init(address=address, **kw)
+        except ConnectionError as exc:  # Ray's own message names only the address it tried
+            mode = os.environ.get("RAY_AUTH_MODE", "(not set)")
+            raise ConfigError(
+                f"could not join the Ray cluster at {address!r} ({exc}). Check the address and that this "
+                f"process has the cluster's authentication: RAY_AUTH_MODE={mode}, RAY_AUTH_TOKEN or "
+                "RAY_AUTH_TOKEN_PATH as the cluster was started with") from exc
     return True
 
 
