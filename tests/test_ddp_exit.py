@@ -14,7 +14,9 @@ from commlib.ddp import exit_guard
 from dist_utils import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = 3  # per scheme; without the guard about half of the runs abort, so all-pass by chance is rare
+# runs per scheme: without the guard about half of the runs abort (measured: 6 of 12 pairs), so
+# the 5 runs all pass by chance about once in 20-30; each pair costs ~5 s (two interpreters)
+RUNS = {"topk-ef": 2, "identity": 2, "fp16": 1}
 
 
 def _run_pair(scheme: str) -> None:
@@ -32,9 +34,9 @@ def _run_pair(scheme: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scheme", ["topk-ef", "identity", "fp16"])
+@pytest.mark.parametrize("scheme", sorted(RUNS))
 def test_script_ending_right_after_a_step_exits_cleanly(scheme):
-    for _ in range(RUNS):
+    for _ in range(RUNS[scheme]):
         _run_pair(scheme)
 
 
