@@ -68,14 +68,30 @@ TRANSFER_LRS = [0.05, 0.1, 0.2, 0.4, 0.8]
 #: grid methods: (mode, rho); rho None = torch SGD (sync)
 METHODS: Dict[str, Tuple[str, Any]] = {"sync sgdm": ("sync", None), "async sgdm": ("async", 0.0),
                                        "async ab": ("async", 1.0)}
+#: ``--rho-sweep``: AB's braking strength and the cosine's scope as extra grid axes
+RHO_SWEEP = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+#: ``--rho-sweep``: the rhos also run with the cosine over the whole model
+WHOLE_MODEL_RHOS = [1.0, 1.5]
+
+
+def sweep_methods() -> Dict[str, Tuple[str, Any, bool]]:
+    """``--rho-sweep``'s methods: name -> (mode, rho, per_tensor); the part-1 methods and AB at
+    every rho in RHO_SWEEP (per-tensor cosine) and at WHOLE_MODEL_RHOS with the whole-model cosine."""
+    out = {name: (mode, rho, True) for name, (mode, rho) in METHODS.items() if name != "async ab"}
+    out.update({f"async ab rho {rho}": ("async", rho, True) for rho in RHO_SWEEP})
+    out.update({f"async ab rho {rho} whole-model": ("async", rho, False) for rho in WHOLE_MODEL_RHOS})
+    return out
 
 
 def grid_spec(method: str, lr: float, m: float, n: int, schedule: str = "constant") -> Dict[str, Any]:
     """A grid cell's optimizer spec; async cells pin the per-push values (lr / n, m)."""
-    mode, rho = METHODS[method]
+    mode, rho, per_tensor = sweep_methods()[method] if method not in METHODS else (*METHODS[method], True)
     if mode == "sync":
         return {"name": "sgd", "lr": lr, "momentum": m, "schedule": schedule}
-    return {"name": "ab-sgd", "lr": lr / n, "momentum": m, "rho": rho, "lr_scaling": "none", "schedule": schedule}
+    spec = {"name": "ab-sgd", "lr": lr / n, "momentum": m, "rho": rho, "lr_scaling": "none", "schedule": schedule}
+    if not per_tensor:
+        spec["per_tensor"] = False
+    return spec
 
 
 def ps_run(workers: int, mode: str, optimizer: Dict[str, Any], steps: int, seed: int,
@@ -105,8 +121,12 @@ def mean_row(rs: List[Dict[str, Any]], **key: Any) -> Dict[str, Any]:
     return row
 
 
+def method_mode(method: str) -> str:
+    return METHODS[method][0] if method in METHODS else sweep_methods()[method][0]
+
+
 def replica_mean(n: int, method: str, lr: float, m: float, schedule: str, evals: int, seeds: List[int]) -> float:
-    mode = METHODS[method][0]
+    mode = method_mode(method)
     spec = grid_spec(method, lr, m, n, schedule)
     return statistics.fmean(replica_run(TASK, n, spec, evals, s, mode)["test_accuracy"] for s in seeds)
 
@@ -336,6 +356,121 @@ def braking_part() -> int:
     return 0
 
 
+def _sweep_run(job: Tuple[int, str, str, float, float, int, int]) -> float:
+    """One replica run of ``--rho-sweep`` (a pool task): (n, method, schedule, lr, m, evals, seed)."""
+    n, method, sched, lr, m, evals, seed = job
+    torch.set_num_threads(1)
+    return replica_run(TASK, n, grid_spec(method, lr, m, n, sched), evals, seed, method_mode(method))["test_accuracy"]
+
+
+def rho_sweep_part(workers: List[int], evals: int, seeds: List[int], methods: List[str], jobs: int) -> int:
+    """``--rho-sweep``: the part-1 grid (lr x momentum x schedule, 48 cells) for every method of
+    :func:`sweep_methods` (AB at every rho in RHO_SWEEP and with the whole-model cosine; momentum
+    SGD sync and async), replica, written to results/async_braking_ps_rho.json as ``replica``.
+    Each method's 48 cells are an equal-size grid; "AB, rho tuned" (the best over all rhos) is a
+    grid len(RHO_SWEEP) times larger, reported as such."""
+    import multiprocessing
+
+    out = RESULTS / "async_braking_ps_rho.json"
+    data = json.loads(out.read_text()) if out.exists() else {}
+    done = {(c["workers"], c["method"], c["schedule"], c["lr"], c["momentum"]): c
+            for c in data.get("replica", {}).get("cells", []) if c["seeds"] == seeds and c["evals"] == evals}
+    keys = [k for k in itertools.product(workers, methods, SCHEDULES, GRID_LRS, GRID_MS) if k not in done]
+    tasks = [(n, method, sched, lr, m, evals, seed) for (n, method, sched, lr, m) in keys for seed in seeds]
+    cells = list(done.values())
+
+    def save() -> None:
+        per = len(SCHEDULES) * len(GRID_LRS) * len(GRID_MS)
+        summary = summarize_grid([c for c in cells if sum(d["workers"] == c["workers"] and d["method"] == c["method"]
+                                                          for d in cells) == per])
+        for n in workers:  # AB with rho tuned: the best per-tensor AB cell over every rho
+            ab = [c for c in cells if c["workers"] == n and c["method"].startswith("async ab rho")
+                  and "whole" not in c["method"]]
+            if ab:
+                b = max(ab, key=lambda c: c["test_accuracy"])
+                summary.append({"workers": n, "method": "async ab, rho tuned", "best": b, "cells": len(ab)})
+        data["replica"] = {"evals": evals, "seeds": seeds, "rho": RHO_SWEEP, "jitter": JITTER,
+                           "grid": {"lr": GRID_LRS, "momentum": GRID_MS, "schedule": SCHEDULES},
+                           "summary": summary, "cells": cells}
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(data, indent=1))
+
+    accs: Dict[Tuple[int, str, str, float, float], List[float]] = {}
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        for job, acc in zip(tasks, pool.imap(_sweep_run, tasks)):
+            key = job[:5]
+            accs.setdefault(key, []).append(acc)
+            if len(accs[key]) == len(seeds):
+                n, method, sched, lr, m = key
+                cells.append({"workers": n, "method": method, "schedule": sched, "lr": lr, "momentum": m,
+                              "evals": evals, "seeds": seeds, "test_accuracy": statistics.fmean(accs[key]),
+                              "accuracy_by_seed": accs[key]})
+                print(f"  replica n={n:<3d} {method:<28s} {sched:<8s} lr {lr:<5} m {m:<4}: "
+                      f"acc {cells[-1]['test_accuracy']:.3f}", flush=True)
+                save()
+    save()
+    print(f"\n--rho-sweep: replica, {evals} gradient evaluations, seeds {seeds}, 48 cells per method")
+    for r in data["replica"]["summary"]:
+        if "best" in r:
+            b = r["best"]
+            print(f"{r['workers']:>7}  {r['method']:<30s} {b['method']}, {b['lr']}, {b['momentum']}, "
+                  f"{b['schedule']}: {b['test_accuracy']:.3f} ({r['cells']} cells)")
+        else:
+            print(f"{r['workers']:>7}  {r['method']:<30s} {r['best_lr']}, {r['best_momentum']}, "
+                  f"{r['best_schedule']}: {r['best_accuracy']:.3f}  <=2pts {r['cells_within_2pts']}/{r['cells']}"
+                  f"  const {r['best_constant']['test_accuracy']:.3f} cos {r['best_cosine']['test_accuracy']:.3f}")
+    return 0
+
+
+def rho_real_part(workers: List[int], seeds: List[int], methods: Optional[List[str]], extra: List[str]) -> int:
+    """``--rho-real``: every method's best ``--rho-sweep`` cell (or ``methods``'; sync SGDM's
+    always) on the real server (in-process transport), the async defaults handed the synchronous
+    best setting, and the ``extra`` cells ("method,lr,momentum,schedule": e.g. a best cell's
+    neighbours), at each of ``workers``; added to results/async_braking_ps_rho.json as ``real``
+    (rows replaced by name)."""
+    out = RESULTS / "async_braking_ps_rho.json"
+    data = json.loads(out.read_text())
+    evals = data["replica"]["evals"]
+    best = {(r["workers"], r["method"]): r for r in data["replica"]["summary"] if "best_lr" in r}
+    rows = []
+    for n in workers:
+        configs: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+        for (k, method), b in best.items():
+            if k == n and (methods is None or method in methods or method == "sync sgdm"):
+                configs[f"{method} best"] = (method_mode(method), grid_spec(method, b["best_lr"], b["best_momentum"],
+                                                                            n, b["best_schedule"]))
+        s = best[(n, "sync sgdm")]
+        configs["async ab default, sync best"] = ("async", {"lr": s["best_lr"], "momentum": s["best_momentum"]})
+        for cell in extra:
+            method, lr, m, sched = cell.split(",")
+            configs[f"{method} {lr}, {m}, {sched}"] = (method_mode(method), grid_spec(method, float(lr), float(m), n,
+                                                                                       sched))
+        for name, (mode, opt) in configs.items():
+            rs = []
+            for seed in seeds:
+                r = ps_run(n, mode, opt, evals // n if mode == "sync" else evals, seed)
+                r.update(seed=seed)
+                rs.append(r)
+            rows.append(mean_row(rs, workers=n, optimizer=name, mode=mode, spec=opt, evals=evals,
+                                 all_done=all(r["status"] == "done" for r in rs), runs=rs))
+            print(f"  real n={n:<3d} {name:<36s}: acc {rows[-1]['test_accuracy']:.3f} [{rows[-1]['accuracy_min']:.3f}, "
+                  f"{rows[-1]['accuracy_max']:.3f}]  staleness {rows[-1]['mean_staleness']:.1f}", flush=True)
+        ref = next(r["test_accuracy"] for r in rows if r["workers"] == n and r["optimizer"] == "sync sgdm best")
+        for r in rows:
+            if r["workers"] == n:
+                r["acc_vs_sync_best"] = r["test_accuracy"] - ref
+    data = json.loads(out.read_text())  # read again: another part may have added to it meanwhile
+    new = {(r["workers"], r["optimizer"]) for r in rows}
+    data["real"] = [r for r in data.get("real", []) if (r["workers"], r["optimizer"]) not in new] + rows
+    data["real_seeds"] = seeds
+    out.write_text(json.dumps(data, indent=1))
+    print(f"\n--rho-real: real parameter server, {evals} gradient evaluations, seeds {seeds}")
+    for r in data["real"]:
+        print(f"{r['workers']:>7}  {r['optimizer']:<36s}{r['test_accuracy']:>7.3f}  [{r['accuracy_min']:.3f}, "
+              f"{r['accuracy_max']:.3f}]  vs sync {r['acc_vs_sync_best']:+.3f}  staleness {r['mean_staleness']:.1f}")
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer evaluations, one seed")
@@ -345,8 +480,21 @@ def main() -> int:
                     help="after a full run: part 2's settings on the real server (3 seeds), added to the JSON")
     ap.add_argument("--braking-factor", action="store_true",
                     help="after a full run: AB's mean braking factor per quarter of a run, added to the JSON")
+    ap.add_argument("--rho-sweep", action="store_true",
+                    help="AB's rho and cosine scope as grid axes (replica, 3 seeds), to async_braking_ps_rho.json")
+    ap.add_argument("--rho-real", action="store_true",
+                    help="after --rho-sweep: each method's best cell on the real server (5 seeds), added to its JSON")
+    ap.add_argument("--workers", type=int, nargs="+", default=[16], help="--rho-sweep/--rho-real: worker counts")
+    ap.add_argument("--methods", nargs="+", default=None, help="--rho-sweep/--rho-real: methods (default: all)")
+    ap.add_argument("--jobs", type=int, default=2, help="--rho-sweep: replica processes")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="--rho-real: more cells, each 'method,lr,momentum,schedule' (lr in synchronous units)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.rho_sweep:
+        return rho_sweep_part(args.workers, 1600, [0, 1, 2], args.methods or list(sweep_methods()), args.jobs)
+    if args.rho_real:
+        return rho_real_part(args.workers, [0, 1, 2, 3, 4], args.methods, args.extra)
     if args.braking_factor:
         return braking_part()
     if args.real_budget:
