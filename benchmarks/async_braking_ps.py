@@ -25,6 +25,14 @@ on one gradient about n - 1 versions old.
    async defaults handed the synchronous best setting, and the previous default (AB, constant lr
    0.05) as "before".
 
+5. **rho and the cosine's scope** (``--rho-sweep``, replica, 3 seeds): part 1's 48-cell grid for
+   AB at every rho in RHO_SWEEP (per-tensor cosine) and at WHOLE_MODEL_RHOS with the whole-model
+   cosine, and for sync and async SGD momentum. Each method's row is an equal-size grid; "AB, rho
+   tuned" (the best over every rho) searched len(RHO_SWEEP) times as many cells.
+6. **rho on the real server** (``--rho-real``, 5 or ``--seeds`` seeds): every method's part-5 best
+   cell, the async default handed the synchronous best setting and any ``--extra`` cells; the gap
+   to synchronous SGD momentum is paired by seed.
+
 Thread timing is not deterministic, so every configuration runs with several seeds and the tables
 show the mean. Wall times are not reported (the machine is shared).
 
@@ -32,10 +40,13 @@ show the mean. Wall times are not reported (the machine is shared).
     .venv/bin/python benchmarks/async_braking_ps.py --real-budget   # then: part 2 on the real server
     .venv/bin/python benchmarks/async_braking_ps.py --ray           # then: 16-worker rows on local Ray
     .venv/bin/python benchmarks/async_braking_ps.py --braking-factor  # then: AB's factor per quarter
+    .venv/bin/python benchmarks/async_braking_ps.py --rho-sweep --workers 16 4   # part 5
+    .venv/bin/python benchmarks/async_braking_ps.py --rho-real --workers 16 4 --seeds 10  # part 6
 
 prints the tables, writes benchmarks/results/async_braking_ps.json (``--quick``:
 async_braking_ps_quick.json) and a plot (.png): test accuracy vs mean staleness on the real
-server, accuracy vs budget (replica, 16 workers), and the replica grid at 16 workers.
+server, accuracy vs budget (replica, 16 workers), and the replica grid at 16 workers. Parts 5
+and 6 write benchmarks/results/async_braking_ps_rho.json and .png (accuracy vs rho).
 """
 from __future__ import annotations
 
@@ -68,14 +79,42 @@ TRANSFER_LRS = [0.05, 0.1, 0.2, 0.4, 0.8]
 #: grid methods: (mode, rho); rho None = torch SGD (sync)
 METHODS: Dict[str, Tuple[str, Any]] = {"sync sgdm": ("sync", None), "async sgdm": ("async", 0.0),
                                        "async ab": ("async", 1.0)}
+#: ``--rho-sweep``: AB's braking strength and the cosine's scope as extra grid axes
+RHO_SWEEP = [0.25, 0.5, 0.75, 1.0, 1.5, 2.0]
+#: ``--rho-sweep``: the rhos also run with the cosine over the whole model
+WHOLE_MODEL_RHOS = [1.0, 1.5]
+
+
+#: ``--rho-sweep``'s "... wide" methods: momentum SGD on a grid as large as AB's over every rho
+#: (12 lr x 12 momentum x 2 schedules = 288 cells = 6 rhos x 48)
+WIDE_LRS = [round(0.05 * 2 ** (k / 2), 4) for k in range(12)]
+WIDE_MS = [0.1, 0.25, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97]
+
+
+def sweep_grid(method: str) -> Tuple[List[float], List[float]]:
+    """(lrs, momenta) of a ``--rho-sweep`` method's grid (x SCHEDULES)."""
+    return (WIDE_LRS, WIDE_MS) if method.endswith(" wide") else (GRID_LRS, GRID_MS)
+
+
+def sweep_methods() -> Dict[str, Tuple[str, Any, bool]]:
+    """``--rho-sweep``'s methods: name -> (mode, rho, per_tensor); the part-1 methods and AB at
+    every rho in RHO_SWEEP (per-tensor cosine) and at WHOLE_MODEL_RHOS with the whole-model cosine."""
+    out = {name: (mode, rho, True) for name, (mode, rho) in METHODS.items() if name != "async ab"}
+    out.update({f"async ab rho {rho}": ("async", rho, True) for rho in RHO_SWEEP})
+    out.update({f"async ab rho {rho} whole-model": ("async", rho, False) for rho in WHOLE_MODEL_RHOS})
+    out.update({"sync sgdm wide": ("sync", None, True), "async sgdm wide": ("async", 0.0, True)})
+    return out
 
 
 def grid_spec(method: str, lr: float, m: float, n: int, schedule: str = "constant") -> Dict[str, Any]:
     """A grid cell's optimizer spec; async cells pin the per-push values (lr / n, m)."""
-    mode, rho = METHODS[method]
+    mode, rho, per_tensor = sweep_methods()[method] if method not in METHODS else (*METHODS[method], True)
     if mode == "sync":
         return {"name": "sgd", "lr": lr, "momentum": m, "schedule": schedule}
-    return {"name": "ab-sgd", "lr": lr / n, "momentum": m, "rho": rho, "lr_scaling": "none", "schedule": schedule}
+    spec = {"name": "ab-sgd", "lr": lr / n, "momentum": m, "rho": rho, "lr_scaling": "none", "schedule": schedule}
+    if not per_tensor:
+        spec["per_tensor"] = False
+    return spec
 
 
 def ps_run(workers: int, mode: str, optimizer: Dict[str, Any], steps: int, seed: int,
@@ -105,8 +144,12 @@ def mean_row(rs: List[Dict[str, Any]], **key: Any) -> Dict[str, Any]:
     return row
 
 
+def method_mode(method: str) -> str:
+    return METHODS[method][0] if method in METHODS else sweep_methods()[method][0]
+
+
 def replica_mean(n: int, method: str, lr: float, m: float, schedule: str, evals: int, seeds: List[int]) -> float:
-    mode = METHODS[method][0]
+    mode = method_mode(method)
     spec = grid_spec(method, lr, m, n, schedule)
     return statistics.fmean(replica_run(TASK, n, spec, evals, s, mode)["test_accuracy"] for s in seeds)
 
@@ -336,6 +379,180 @@ def braking_part() -> int:
     return 0
 
 
+def write_json(out: Path, data: Dict[str, Any]) -> None:
+    """Write atomically (another part may read the file meanwhile: it never sees half of it)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(out)
+
+
+def _sweep_run(job: Tuple[int, str, str, float, float, int, int]) -> float:
+    """One replica run of ``--rho-sweep`` (a pool task): (n, method, schedule, lr, m, evals, seed)."""
+    n, method, sched, lr, m, evals, seed = job
+    torch.set_num_threads(1)
+    return replica_run(TASK, n, grid_spec(method, lr, m, n, sched), evals, seed, method_mode(method))["test_accuracy"]
+
+
+def rho_sweep_part(workers: List[int], evals: int, seeds: List[int], methods: List[str], jobs: int) -> int:
+    """``--rho-sweep``: the part-1 grid (lr x momentum x schedule, 48 cells) for every method of
+    :func:`sweep_methods` (AB at every rho in RHO_SWEEP and with the whole-model cosine; momentum
+    SGD sync and async, also on the "wide" grid as large as AB's over every rho), replica, written
+    to results/async_braking_ps_rho.json as ``replica``. Each method's 48 cells are an equal-size
+    grid; "AB, rho tuned" (the best over all rhos) searched len(RHO_SWEEP) times as many cells,
+    as many as the "wide" rows."""
+    import multiprocessing
+
+    out = RESULTS / "async_braking_ps_rho.json"
+    data = json.loads(out.read_text()) if out.exists() else {}
+    done = {(c["workers"], c["method"], c["schedule"], c["lr"], c["momentum"]): c
+            for c in data.get("replica", {}).get("cells", []) if c["seeds"] == seeds and c["evals"] == evals}
+    keys = [(n, method, sched, lr, m) for n, method in itertools.product(workers, methods)
+            for sched, lr, m in itertools.product(SCHEDULES, *sweep_grid(method))
+            if (n, method, sched, lr, m) not in done]
+    tasks = [(n, method, sched, lr, m, evals, seed) for (n, method, sched, lr, m) in keys for seed in seeds]
+    cells = list(done.values())
+
+    def save() -> None:
+        per = {m: len(SCHEDULES) * len(sweep_grid(m)[0]) * len(sweep_grid(m)[1]) for m in {c["method"] for c in cells}}
+        summary = summarize_grid([c for c in cells if sum(d["workers"] == c["workers"] and d["method"] == c["method"]
+                                                          for d in cells) == per[c["method"]]])
+        for n in workers:  # AB with rho tuned: the best per-tensor AB cell over every rho
+            ab = [c for c in cells if c["workers"] == n and c["method"].startswith("async ab rho")
+                  and "whole" not in c["method"]]
+            if ab:
+                b = max(ab, key=lambda c: c["test_accuracy"])
+                summary.append({"workers": n, "method": "async ab, rho tuned", "best": b, "cells": len(ab)})
+        if out.exists():  # read again: --rho-real may have added to it meanwhile
+            data.update({k: v for k, v in json.loads(out.read_text()).items() if k != "replica"})
+        data["replica"] = {"evals": evals, "seeds": seeds, "rho": RHO_SWEEP, "jitter": JITTER,
+                           "grid": {"lr": GRID_LRS, "momentum": GRID_MS, "schedule": SCHEDULES},
+                           "summary": summary, "cells": cells}
+        write_json(out, data)
+
+    accs: Dict[Tuple[int, str, str, float, float], List[float]] = {}
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+        for job, acc in zip(tasks, pool.imap(_sweep_run, tasks)):
+            key = job[:5]
+            accs.setdefault(key, []).append(acc)
+            if len(accs[key]) == len(seeds):
+                n, method, sched, lr, m = key
+                cells.append({"workers": n, "method": method, "schedule": sched, "lr": lr, "momentum": m,
+                              "evals": evals, "seeds": seeds, "test_accuracy": statistics.fmean(accs[key]),
+                              "accuracy_by_seed": accs[key]})
+                print(f"  replica n={n:<3d} {method:<28s} {sched:<8s} lr {lr:<5} m {m:<4}: "
+                      f"acc {cells[-1]['test_accuracy']:.3f}", flush=True)
+                save()
+    save()
+    print(f"\n--rho-sweep: replica, {evals} gradient evaluations, seeds {seeds}, 48 cells per method")
+    for r in data["replica"]["summary"]:
+        if "best" in r:
+            b = r["best"]
+            print(f"{r['workers']:>7}  {r['method']:<30s} {b['method']}, {b['lr']}, {b['momentum']}, "
+                  f"{b['schedule']}: {b['test_accuracy']:.3f} ({r['cells']} cells)")
+        else:
+            print(f"{r['workers']:>7}  {r['method']:<30s} {r['best_lr']}, {r['best_momentum']}, "
+                  f"{r['best_schedule']}: {r['best_accuracy']:.3f}  <=2pts {r['cells_within_2pts']}/{r['cells']}"
+                  f"  const {r['best_constant']['test_accuracy']:.3f} cos {r['best_cosine']['test_accuracy']:.3f}")
+    return 0
+
+
+def rho_real_part(workers: List[int], seeds: List[int], methods: Optional[List[str]], extra: List[str]) -> int:
+    """``--rho-real``: every method's best ``--rho-sweep`` cell (or ``methods``'; sync SGDM's
+    always) on the real server (in-process transport), the async defaults handed the synchronous
+    best setting, and the ``extra`` cells ("method,lr,momentum,schedule": e.g. a best cell's
+    neighbours), at each of ``workers``; added to results/async_braking_ps_rho.json as ``real``
+    (rows replaced by name)."""
+    out = RESULTS / "async_braking_ps_rho.json"
+    data = json.loads(out.read_text())
+    evals = data["replica"]["evals"]
+    best = {(r["workers"], r["method"]): r for r in data["replica"]["summary"] if "best_lr" in r}
+    rows = []
+    for n in workers:
+        configs: Dict[str, Tuple[str, Dict[str, Any]]] = {}
+        for (k, method), b in best.items():
+            if k == n and (methods is None or method in methods or method == "sync sgdm"):
+                configs[f"{method} best"] = (method_mode(method), grid_spec(method, b["best_lr"], b["best_momentum"],
+                                                                            n, b["best_schedule"]))
+        s = best[(n, "sync sgdm")]
+        configs["async ab default, sync best"] = ("async", {"lr": s["best_lr"], "momentum": s["best_momentum"]})
+        for cell in extra:
+            method, lr, m, sched = cell.split(",")
+            configs[f"{method} {lr}, {m}, {sched}"] = (method_mode(method), grid_spec(method, float(lr), float(m), n,
+                                                                                       sched))
+        for name, (mode, opt) in configs.items():
+            old = next((r["runs"] for r in data.get("real", []) if r["workers"] == n and r["optimizer"] == name
+                        and r["spec"] == opt), [])  # seeds already run with this spec are kept
+            rs = []
+            for seed in seeds:
+                r = next((o for o in old if o["seed"] == seed), None)
+                if r is None:
+                    r = ps_run(n, mode, opt, evals // n if mode == "sync" else evals, seed)
+                    r.update(seed=seed)
+                rs.append(r)
+            rows.append(mean_row(rs, workers=n, optimizer=name, mode=mode, spec=opt, evals=evals,
+                                 all_done=all(r["status"] == "done" for r in rs), runs=rs))
+            print(f"  real n={n:<3d} {name:<36s}: acc {rows[-1]['test_accuracy']:.3f} [{rows[-1]['accuracy_min']:.3f}, "
+                  f"{rows[-1]['accuracy_max']:.3f}]  staleness {rows[-1]['mean_staleness']:.1f}", flush=True)
+    data = json.loads(out.read_text())  # read again: another part may have added to it meanwhile
+    new = {(r["workers"], r["optimizer"]) for r in rows}
+    data["real"] = [r for r in data.get("real", []) if (r["workers"], r["optimizer"]) not in new] + rows
+    for r in data["real"]:  # paired: the mean over the row's seeds of (accuracy - sync best's on that seed)
+        sync = {s["seed"]: s["test_accuracy"] for row in data["real"] if row["workers"] == r["workers"]
+                and row["optimizer"] == "sync sgdm best" for s in row["runs"]}
+        if all(s["seed"] in sync for s in r["runs"]):
+            r["acc_vs_sync_best"] = statistics.fmean(s["test_accuracy"] - sync[s["seed"]] for s in r["runs"])
+    write_json(out, data)
+    plot_rho(data, RESULTS / "async_braking_ps_rho.png")
+    print(f"\n--rho-real: real parameter server, {evals} gradient evaluations; vs sync: paired by seed")
+    for r in sorted(data["real"], key=lambda r: (r["workers"], -r["test_accuracy"])):
+        d = r.get("acc_vs_sync_best")
+        print(f"{r['workers']:>7}  {r['optimizer']:<36s}{len(r['runs']):>3d} seeds {r['test_accuracy']:>7.3f}  "
+              f"[{r['accuracy_min']:.3f}, {r['accuracy_max']:.3f}]  vs sync {'' if d is None else f'{d:+.3f}':>7}"
+              f"  staleness {r['mean_staleness']:.1f}")
+    return 0
+
+
+def plot_rho(data: Dict[str, Any], path: Path) -> None:
+    """``--rho-real``'s plot: accuracy vs rho, per-tensor and whole-model cosine, replica (best cell
+    of each rho's 48-cell grid) and real server (that cell), with sync and async SGDM as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = {(r["workers"], r["method"]): r for r in data["replica"]["summary"] if "best_lr" in r}
+    real = {(r["workers"], r["optimizer"]): r for r in data.get("real", [])}
+    workers = sorted({n for n, _ in summary})
+    fig, axes = plt.subplots(1, len(workers), figsize=(6.5 * len(workers), 4.5), squeeze=False)
+    for ax, n in zip(axes[0], workers):
+        for scope, suffix, marker in (("per-tensor", "", "o"), ("whole-model", " whole-model", "^")):
+            rhos = [rho for rho in RHO_SWEEP if (n, f"async ab rho {rho}{suffix}") in summary]
+            if not rhos:
+                continue
+            line = ax.plot(rhos, [summary[(n, f"async ab rho {rho}{suffix}")]["best_accuracy"] for rho in rhos],
+                           marker=marker, label=f"AB {scope}, replica (3 seeds)")
+            pts = [(rho, real[(n, f"async ab rho {rho}{suffix} best")]) for rho in rhos
+                   if (n, f"async ab rho {rho}{suffix} best") in real]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1]["test_accuracy"] for p in pts], marker=marker, linestyle="--",
+                        color=line[0].get_color(), label=f"AB {scope}, real server (that cell)")
+        for method, style in (("sync sgdm", "k"), ("async sgdm", "r")):
+            if (n, method) in summary:
+                ax.axhline(summary[(n, method)]["best_accuracy"], color=style, linestyle=":",
+                           label=f"{method} best, replica")
+            if (n, f"{method} best") in real:
+                ax.axhline(real[(n, f"{method} best")]["test_accuracy"], color=style, linestyle="--",
+                           label=f"{method} best, real server")
+        ax.set_xlabel("rho")
+        ax.set_ylabel("test accuracy (best cell of lr x momentum x schedule)")
+        ax.set_title(f"{n} workers, G = {data['replica']['evals']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer evaluations, one seed")
@@ -345,8 +562,22 @@ def main() -> int:
                     help="after a full run: part 2's settings on the real server (3 seeds), added to the JSON")
     ap.add_argument("--braking-factor", action="store_true",
                     help="after a full run: AB's mean braking factor per quarter of a run, added to the JSON")
+    ap.add_argument("--rho-sweep", action="store_true",
+                    help="AB's rho and cosine scope as grid axes (replica, 3 seeds), to async_braking_ps_rho.json")
+    ap.add_argument("--rho-real", action="store_true",
+                    help="after --rho-sweep: each method's best cell on the real server (5 seeds), added to its JSON")
+    ap.add_argument("--workers", type=int, nargs="+", default=[16], help="--rho-sweep/--rho-real: worker counts")
+    ap.add_argument("--methods", nargs="+", default=None, help="--rho-sweep/--rho-real: methods (default: all)")
+    ap.add_argument("--jobs", type=int, default=2, help="--rho-sweep: replica processes")
+    ap.add_argument("--seeds", type=int, default=5, help="--rho-real: seeds 0 .. SEEDS - 1")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="--rho-real: more cells, each 'method,lr,momentum,schedule' (lr in synchronous units)")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.rho_sweep:
+        return rho_sweep_part(args.workers, 1600, [0, 1, 2], args.methods or list(sweep_methods()), args.jobs)
+    if args.rho_real:
+        return rho_real_part(args.workers, list(range(args.seeds)), args.methods, args.extra)
     if args.braking_factor:
         return braking_part()
     if args.real_budget:
