@@ -233,18 +233,28 @@ def _agree(flag: bool) -> bool:
     return bool(t.item())
 
 
+class _LocalCompute:
+    """A local copy of the model (no DDP, no communication) and its timed fwd+bwd+SGD step."""
+
+    def __init__(self, model: nn.Module, lossf: nn.Module) -> None:
+        rng = torch.get_rng_state()  # MLP() seeds torch's generator: leave the run's stream as it was
+        self.model = MLP(model.net[0].in_features, model.net[0].out_features, 10, 2, seed=1)
+        torch.set_rng_state(rng)
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.0)
+        self.lossf = lossf
+
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=False)
+        self.lossf(self.model(x), y).backward()
+        self.opt.step()
+        return time.perf_counter() - t0
+
+
 def compute_time(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> float:
     """Median forward + backward + SGD step time of a local copy of the model (no communication)."""
-    local = MLP(x.shape[1], model.net[0].out_features, 10, 2, seed=1)
-    opt = torch.optim.SGD(local.parameters(), lr=0.0)
-    lossf = nn.CrossEntropyLoss()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=False)
-        lossf(local(x), y).backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
+    local = _LocalCompute(model, nn.CrossEntropyLoss())
+    times = [local.step(x, y) for _ in range(steps)]
     return statistics.median(times[1:] or times)
 
 
@@ -298,6 +308,10 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, tx: TxBytes, link:
                            "ops_backend": ops.backend() if "scheme" in spec else None}
     times: List[float] = []
     cpu: List[float] = []
+    # paired compute: after every measured step, one fwd+bwd+opt step of a local copy (no DDP) on
+    # the same batch, so each step has a compute time taken seconds apart from it, not minutes
+    local = _LocalCompute(model, lossf) if run.get("paired_compute") else None
+    paired: List[float] = []
     tx_steps: List[int] = []
     payload_steps: List[float] = []
     ring_steps: List[float] = []
@@ -337,6 +351,8 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, tx: TxBytes, link:
             if step >= warmup:
                 times.append(dt)
                 cpu.append(dc)
+                if local is not None:
+                    paired.append(local.step(xtr[b], ytr[b]))
                 tx_steps.append(tx1 - tx0)
                 payload_steps.append(counter.payload_bytes - p0)
                 ring_steps.append(counter.wire_bytes - w0)
@@ -358,6 +374,7 @@ def run_one(run: Dict[str, Any], rank: int, world: int, data, tx: TxBytes, link:
         "tx_bytes_per_step": sum(tx_steps) / n, "payload_bytes_per_step": sum(payload_steps) / n,
         "ring_wire_bytes_per_step": sum(ring_steps) / n, "dense_bytes": dense_bytes,
         "breakdown_s_per_step": {k: v / n for k, v in parts.items()} if parts else None,
+        "paired_compute_step_s": paired or None,
         "evals": evals, "final_test_acc": evals[-1]["test_acc"] if evals else None,
         "target_acc": target, "reached": reached, "train_s": train_time,
         "hook_stats": state.stats.as_dict() if state is not None else None,
