@@ -103,8 +103,8 @@ def build_plan(quick: bool, cells: Dict[str, Tuple[str, ...]], max_step_s: float
                 est = est_comm_s(scheme, params, rate)
                 conv = model == "1M" and link in conv_links and not (scheme == "commlib-identity" and rate
                                                                       and rate < 1e9)
-                if conv and SCHEMES[scheme].get("timing_only"):
-                    continue  # its replicas drift apart: no accuracy to report
+                if SCHEMES[scheme].get("timing_only"):
+                    conv = False  # its replicas drift apart: timed, never evaluated
                 if conv:
                     runs.append(dict(base, steps=conv_steps, warmup=3, eval_every=10, target=TARGET_ACC))
                     continue
@@ -376,9 +376,11 @@ def build_rows(records: List[Dict[str, Any]], skipped: List[Dict[str, Any]]) -> 
                "step_ms_p10_p90": [1000 * st[len(st) // 10], 1000 * st[(9 * len(st)) // 10]],
                "cpu_ms": 1000 * r["median_cpu_step_s"],
                "wire_bytes_per_step": r["tx_bytes_per_step"], "payload_bytes_per_step": r["payload_bytes_per_step"],
-               "speedup_vs_allreduce": ar["median_step_s"] / r["median_step_s"] if ar else None,
+               "speedup_vs_allreduce": ar["median_step_s"] / r["median_step_s"]
+               if ar and not SCHEMES[r["scheme"]].get("timing_only") else None,
                # all-reduce not run on this link: at least its wire time (bytes / rate), compute left out
-               "speedup_vs_allreduce_at_least": est / r["median_step_s"] if est and not ar else None,
+               "speedup_vs_allreduce_at_least": est / r["median_step_s"]
+               if est and not ar and not SCHEMES[r["scheme"]].get("timing_only") else None,
                "final_test_acc": r["final_test_acc"], "time_to_target_s": None, "time_to_target": None,
                "ops_backend": r["ops_backend"], "breakdown_ms": None, "compute_ms": compute.get(r["model"])}
         pc = r.get("paired_compute_step_s")

@@ -60,14 +60,16 @@ def test_simulate_joins_a_ray_cluster_by_address(tmp_path):
         summary = json.loads((out / "sim.json").read_text())
         assert summary["status"] == "done" and summary["steps"] == 4, summary
         assert f"at 127.0.0.1:{port}" in r.stdout  # it ran on the given cluster, not a local one
-        # a driver without the cluster's token is refused
-        bad = dict(env, RAY_AUTH_TOKEN=secrets.token_hex(32))
-        r2 = subprocess.run([sys.executable, "-m", "commlib.cli", "simulate", "--address", f"127.0.0.1:{port}",
-                             "--workers", "2", "--steps", "1", "--no-plot", "--out", str(tmp_path / "bad")],
-                            env=bad, capture_output=True, text=True, timeout=120)
-        assert r2.returncode != 0 and not (tmp_path / "bad" / "sim.json").exists()
-        assert "could not join the Ray cluster" in r2.stderr and "RAY_AUTH_TOKEN" in r2.stderr, r2.stderr[-2000:]
-        assert "Traceback" not in r2.stderr  # a clear error, not a stack
+        # a driver with a wrong token, or with token mode and no token at all, is refused clearly
+        wrong = dict(env, RAY_AUTH_TOKEN=secrets.token_hex(32))
+        none = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN"}
+        for name, bad in (("wrong", wrong), ("none", dict(none, HOME=str(tmp_path)))):
+            r2 = subprocess.run([sys.executable, "-m", "commlib.cli", "simulate", "--address", f"127.0.0.1:{port}",
+                                 "--workers", "2", "--steps", "1", "--no-plot", "--out", str(tmp_path / name)],
+                                env=bad, capture_output=True, text=True, timeout=120)
+            assert r2.returncode != 0 and not (tmp_path / name / "sim.json").exists()
+            assert "could not join the Ray cluster" in r2.stderr and "RAY_AUTH_TOKEN" in r2.stderr, r2.stderr[-2000:]
+            assert "Traceback" not in r2.stderr  # a clear error, not a stack
     finally:
         try:
             os.killpg(head.pid, signal.SIGTERM)

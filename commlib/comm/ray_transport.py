@@ -110,9 +110,11 @@ def ray_start(address: Optional[str] = None, num_cpus: Optional[int] = None, **i
 
             _REAPER = start_reaper(os.path.dirname(os.path.abspath(ray.__file__)))
     else:
+        refused = (ConnectionError,) + tuple(
+            e for e in (getattr(getattr(ray, "exceptions", None), "AuthenticationError", None),) if e is not None)
         try:
             ray.init(address=address, **kw)
-        except ConnectionError as exc:  # Ray's own message names only the address it tried
+        except refused as exc:  # Ray's own messages name only the address, or only the token
             mode = os.environ.get("RAY_AUTH_MODE", "(not set)")
             raise ConfigError(
                 f"could not join the Ray cluster at {address!r} ({exc}). Check the address and that this "

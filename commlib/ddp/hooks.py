@@ -64,7 +64,7 @@ def run_group(state: HookState, tag, buf: torch.Tensor, params: Sequence[torch.T
     if dense_path:
         payloads = worker.encode_group(keys, grads, shapes=shapes, params=flat_params)
         if _in_place(state):
-            fut = _allreduce_in_place(state, tag, buf, keys, numels, payloads, dense_flags)
+            fut = _allreduce_in_place(state, buf, keys, numels, payloads, dense_flags)
         else:
             fut = _allreduce(state, tag, buf, keys, numels, payloads, dense_flags)
     else:
@@ -122,7 +122,7 @@ def _in_place(state: HookState) -> bool:
     return type(sch.compressor) is Identity and type(sch.feedback) is NoFeedback
 
 
-def _allreduce_in_place(state: HookState, tag, buf: torch.Tensor, keys: List[str], numels: List[int],
+def _allreduce_in_place(state: HookState, buf: torch.Tensor, keys: List[str], numels: List[int],
                         payloads: List[Payload], dense_flags: List[bool]) -> torch.futures.Future:
     """All-reduce the bucket in place (divided by n first, like DDP) plus one tiny all-reduce of
     per-tensor contribution counts, so a rank that skipped a non-finite tensor is left out of
@@ -130,9 +130,7 @@ def _allreduce_in_place(state: HookState, tag, buf: torch.Tensor, keys: List[str
     group = state.process_group
     n = state.world_size
     sections = torch.split(buf, numels)
-    # a buffer the state keeps: the collective's thread never holds the last reference to a
-    # Python-made tensor (releasing it would take the GIL, see commlib.ddp.exit_guard)
-    counts = state.buffer(("counts", tag), len(numels), torch.float32, buf.device).fill_(1.0)
+    counts = torch.ones(len(numels), dtype=torch.float32, device=buf.device)
     for j, p in enumerate(payloads):
         if p.kind == Kind.SKIP:
             sections[j].zero_()

@@ -120,9 +120,7 @@ class HookState:
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
             buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
-        # the kept tensor itself when the size matches: a collective's thread then never holds
-        # the last reference to a per-call view (see commlib.ddp.exit_guard)
-        return buf if buf.numel() == numel else buf[:numel]
+        return buf[:numel]
 
     def output_buffer(self, tag: Any) -> packed.OutputBuffer:
         """The reusable result buffer of one group (see :class:`commlib.ddp.packed.OutputBuffer`)."""
