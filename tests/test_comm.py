@@ -180,3 +180,14 @@ def test_ray_inbox_restores_each_senders_order_and_handles_restarts():
     for bad in (("1", 0, 0, b""), (1, 0, -1, b""), (1, 0, 0, "str"), (1, 0, 0, bytes(101))):
         assert not box.deliver(*bad)
     assert box.refused == 4
+
+
+def test_every_registered_transport_name_builds_a_transport():
+    import commlib.comm.mpi  # noqa: F401  (registers "mpi")
+    import commlib.comm.ray_transport  # noqa: F401  (registers "ray")
+    import commlib.comm.torch_dist  # noqa: F401  (registers "torch", "gloo", ...)
+    from commlib.comm import TRANSPORTS
+
+    assert {"inproc", "mpi", "ray", "torch"} <= set(TRANSPORTS.names())
+    for name in TRANSPORTS.names():
+        assert issubclass(TRANSPORTS.get(name), Transport), name  # not a mixin such as RayPeers

@@ -110,11 +110,10 @@ def ray_start(address: Optional[str] = None, num_cpus: Optional[int] = None, **i
 
             _REAPER = start_reaper(os.path.dirname(os.path.abspath(ray.__file__)))
     else:
-        refused = (ConnectionError,) + tuple(
-            e for e in (getattr(getattr(ray, "exceptions", None), "AuthenticationError", None),) if e is not None)
+        auth_error = getattr(ray.exceptions, "AuthenticationError", ConnectionError)  # Ray >= 2.5x
         try:
             ray.init(address=address, **kw)
-        except refused as exc:  # Ray's own messages name only the address, or only the token
+        except (ConnectionError, auth_error) as exc:  # Ray's messages name only the address, or the token
             mode = os.environ.get("RAY_AUTH_MODE", "(not set)")
             raise ConfigError(
                 f"could not join the Ray cluster at {address!r} ({exc}). Check the address and that this "
@@ -243,7 +242,6 @@ def mailbox_actor(**options: Any):
     return inbox_actor(_MailboxImpl, **options)
 
 
-@TRANSPORTS.register("ray")
 class RayPeers:
     """The peer actors of a Ray transport and this endpoint's numbered message stream to each
     (actor calls run in any order: the receiving inbox puts ``seq`` back in order)."""
@@ -277,6 +275,7 @@ class RayPeers:
         self.mark_alive(int(rank))
 
 
+@TRANSPORTS.register("ray")
 class RayTransport(RayPeers, Transport):
     """One rank's endpoint: ``peers`` maps rank -> actor handle with ``deliver``; ``inbox`` is a
     :class:`LocalInbox` (inside an actor) or a Mailbox actor handle (in the driver). ``auth``:
