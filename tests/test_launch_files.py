@@ -194,7 +194,7 @@ def test_bandwidth_worker_smoke(tmp_path):
     """The benchmark's worker under a local torchrun: records what bandwidth.py reads."""
     plan = [dict(scheme=s, model="tiny", width=32, steps=6, warmup=2, lr=0.1, momentum=0.9,
                  eval_every=3 if s == "dgc" else 0, target=0.05, max_s=None if s == "dgc" else 60.0,
-                 compute_steps=2 if s == "allreduce" else 0)
+                 compute_steps=2 if s == "allreduce" else 0, paired_compute=s == "dgc")
             for s in ("allreduce", "ddp-floor", "torch-powersgd-1", "dgc")]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -214,6 +214,9 @@ def test_bandwidth_worker_smoke(tmp_path):
     assert recs["dgc"]["breakdown_s_per_step"]["encode"] > 0 and recs["dgc"]["evals"][0]["step"] == 3
     assert recs["dgc"]["reached"] == {"step": 3, "train_s": recs["dgc"]["evals"][0]["train_s"]}
     assert recs["allreduce"]["compute_step_s"] > 0
+    # --breakdown's paired compute: one local compute step beside every measured step
+    assert len(recs["dgc"]["paired_compute_step_s"]) == 4 and min(recs["dgc"]["paired_compute_step_s"]) > 0
+    assert recs["allreduce"]["paired_compute_step_s"] is None
 
 
 def test_ps_launchers_make_a_job_secret_on_one_node_and_demand_one_on_several():
