@@ -60,6 +60,11 @@ SCHEMES: Dict[str, Dict[str, Any]] = {
             "label": "commlib DGC 99.9% (native ops)"},
     "dgc-torch": {"scheme": {"compressor": "dgc", "ratio": 0.001, "feedback": "dgc"}, "momentum": "worker",
                   "label": "commlib DGC 99.9% (pure torch)", "env": {"COMMLIB_NATIVE": "0"}, "same_as": "dgc"},
+    # the reference code's threshold sample (single entries with a stride) instead of commlib's
+    # blocks of 16 entries: what the block sample saves in the hook's encode
+    "dgc-strided": {"scheme": {"compressor": "dgc", "ratio": 0.001, "feedback": "dgc",
+                               "compressor_options": {"sample_block": 1}}, "momentum": "worker",
+                    "label": "commlib DGC 99.9%, single-entry threshold sample"},
     "dgc-ef21": {"scheme": {"compressor": "dgc", "ratio": 0.001, "feedback": "ef21"}, "momentum": 0.0,
                  "label": "commlib DGC 99.9% + EF21"},
     "econtrol": {"scheme": {"compressor": "dgc", "ratio": 0.001, "feedback": "econtrol",

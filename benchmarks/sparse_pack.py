@@ -10,7 +10,7 @@ For each size (1M, 10M, 50M, 100M float32; --quick: 1M, 10M) and density (0.1%, 
   copy      y.copy_(x) into a preallocated y  read + write: the ceiling of the unpack
   pack      pack_threshold_(buf, 0, x, thr)  select |x| >= thr and write a full Payload (thr given)
   select    threshold_select(x, thr)         the same, returning (indices, values) tensors
-  dgc       sampled_threshold(x, d) + pack   DGC: threshold from a 1% strided sample, then pack
+  dgc       sampled_threshold(x, d) + pack   DGC: threshold from a 1% sample (blocks of 16), then pack
   dgc_step  dgc_threshold + dgc_update_pack_ momentum correction + selection + masking + pack
   unpack8   unpack_scatter_add_ of 8 ranks' payloads (density d each) into a dense output
   topk      torch.topk(x.abs(), k)           exact top-k at the same k as the threshold selects

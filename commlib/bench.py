@@ -21,6 +21,7 @@ from commlib.errors import ConfigError
 BENCHMARKS = [
     ("ddp_schemes", "ddp_schemes.py", ["--quick"], 600),
     ("sparse_pack", "sparse_pack.py", ["--quick"], 600),
+    ("dgc_sample", "dgc_sample.py", ["--quick"], 300),
     ("robust_speed", "robust_speed.py", ["--quick"], 600),
     ("robust_accuracy", "robust_accuracy.py", ["--quick"], 600),
     ("async_braking", "async_braking.py", ["--quick"], 600),

@@ -42,15 +42,16 @@ std::tuple<int64_t, int64_t> pack_threshold(Tensor buf, int64_t offset, const Te
   return COMMLIB_DISPATCH(x.is_cuda(), pack_threshold, buf, offset, x, thr, max_nnz, slot, scale, flags, vcode);
 }
 
-double sampled_threshold(const Tensor& x, int64_t start, int64_t stride, int64_t s, int64_t top) {
+double sampled_threshold(const Tensor& x, int64_t start, int64_t stride, int64_t s, int64_t top,
+                         int64_t block_log2) {
   py::gil_scoped_release nogil;
-  return COMMLIB_DISPATCH(x.is_cuda(), sampled_threshold, x, start, stride, s, top);
+  return COMMLIB_DISPATCH(x.is_cuda(), sampled_threshold, x, start, stride, s, top, block_log2);
 }
 
 double dgc_threshold(const Tensor& u, const Tensor& v, const Tensor& g, double m, bool nesterov, int64_t start,
-                     int64_t stride, int64_t s, int64_t top) {
+                     int64_t stride, int64_t s, int64_t top, int64_t block_log2) {
   py::gil_scoped_release nogil;
-  return COMMLIB_DISPATCH(v.is_cuda(), dgc_threshold, u, v, g, m, nesterov, start, stride, s, top);
+  return COMMLIB_DISPATCH(v.is_cuda(), dgc_threshold, u, v, g, m, nesterov, start, stride, s, top, block_log2);
 }
 
 std::tuple<Tensor, Tensor> dgc_update_select(Tensor u, Tensor v, const Tensor& g, double m, bool nesterov,

@@ -35,8 +35,16 @@ inline void check_value_code(int64_t vcode) {
   TORCH_CHECK(vcode == kF32 || vcode == kF16 || vcode == kBF16, "value dtype must be float32, float16 or bfloat16");
 }
 
-inline void check_sample(int64_t n, int64_t start, int64_t stride, int64_t s, int64_t top) {
-  TORCH_CHECK(s >= 1 && stride >= 1 && start >= 0 && start + (s - 1) * stride < n, "sample outside the tensor");
+// DGC's threshold sample: entry j at start + (j >> block_log2) * stride + (j & (block - 1)), j < s
+// (commlib/ops/torch_ops.py sample_plan).
+inline void check_sample(int64_t n, int64_t start, int64_t stride, int64_t s, int64_t top, int64_t block_log2) {
+  TORCH_CHECK(block_log2 >= 0 && block_log2 < 31, "sample block_log2 must be in [0, 30]");
+  const int64_t block = int64_t(1) << block_log2;
+  TORCH_CHECK(s >= 1 && start >= 0 && (s <= block || stride >= block), "sample blocks must not overlap");
+  // last entry start + blocks * stride + tail < n, written so that nothing overflows
+  const int64_t blocks = (s - 1) >> block_log2, tail = (s - 1) & (block - 1);
+  TORCH_CHECK(start < n && tail < n - start && (blocks == 0 || stride <= (n - 1 - start - tail) / blocks),
+              "sample outside the tensor");
   TORCH_CHECK(top >= 1 && top <= s, "top must be in [1, s]");
 }
 

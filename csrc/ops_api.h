@@ -18,9 +18,10 @@
   std::tuple<int64_t, int64_t> pack_threshold(at::Tensor buf, int64_t offset, const at::Tensor& x, double thr, \
                                               int64_t max_nnz, int64_t slot, double scale, int64_t flags,      \
                                               int64_t vcode);                                                  \
-  double sampled_threshold(const at::Tensor& x, int64_t start, int64_t stride, int64_t s, int64_t top);        \
+  double sampled_threshold(const at::Tensor& x, int64_t start, int64_t stride, int64_t s, int64_t top,         \
+                           int64_t block_log2);                                                                \
   double dgc_threshold(const at::Tensor& u, const at::Tensor& v, const at::Tensor& g, double m, bool nesterov, \
-                       int64_t start, int64_t stride, int64_t s, int64_t top);                                 \
+                       int64_t start, int64_t stride, int64_t s, int64_t top, int64_t block_log2);             \
   std::tuple<at::Tensor, at::Tensor> dgc_update_select(at::Tensor u, at::Tensor v, const at::Tensor& g,        \
                                                        double m, bool nesterov, double thr, int64_t max_nnz);  \
   std::tuple<int64_t, int64_t> dgc_update_pack(at::Tensor buf, int64_t offset, at::Tensor u, at::Tensor v,     \

@@ -50,7 +50,7 @@ def check_kernels() -> bool:
     """Each op on CUDA == the same op on the CPU, bit for bit, at several sizes and densities."""
     fails: List[str] = []
     count = 0
-    for n in (1000, 1 << 20, 10_000_000):
+    for n in (7, 1000, 1 << 20, 10_000_000):
         gen = torch.Generator().manual_seed(n)
         x = torch.randn(n, generator=gen)
         for ratio in (0.001, 0.01):
@@ -58,6 +58,10 @@ def check_kernels() -> bool:
             cases: Dict[str, Callable[[torch.device], object]] = {}
 
             cases["sampled_threshold"] = lambda d: ops.sampled_threshold(x.to(d), ratio)
+            # the sample's layouts: single entries, blocks of 4, and a strided 1-D view
+            cases["sampled_threshold block 1"] = lambda d: ops.sampled_threshold(x.to(d), ratio, block=1, offset=3)
+            cases["sampled_threshold block 4"] = lambda d: ops.sampled_threshold(x.to(d), ratio, block=4, offset=5)
+            cases["sampled_threshold view"] = lambda d: ops.sampled_threshold(x.to(d)[::3], ratio, offset=7)
             cases["threshold_select"] = lambda d: ops.threshold_select(x.to(d), thr_c)
             cap = Payload.max_bytes(Kind.SPARSE, n, torch.float32)
 
@@ -75,6 +79,11 @@ def check_kernels() -> bool:
                 u, v, g = dgc_state(d)
                 return ops.dgc_threshold(u, v, g, 0.9, ratio, nesterov=True)
             cases["dgc_threshold"] = dgc_thr
+
+            def dgc_thr_single(d):
+                u, v, g = dgc_state(d)
+                return ops.dgc_threshold(u, v, g, 0.9, ratio, block=1, offset=11)
+            cases["dgc_threshold block 1"] = dgc_thr_single
 
             def dgc_select(d):
                 u, v, g = dgc_state(d)

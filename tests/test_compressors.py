@@ -17,13 +17,16 @@ def ref_topk(x, k):
     return out
 
 
-def ref_dgc_select(x, ratio, sample_ratio=0.01, rounds=10):
+def ref_dgc_select(x, ratio, sample_ratio=0.01, rounds=10, block=16):
     """DGC selection (docs/algorithms.md §1, steps 1-3), written out directly (loops, Python lists)."""
     n = x.numel()
     k = max(1, math.ceil(ratio * n))
     s = min(n, max(math.ceil(sample_ratio * n), math.ceil(2 / ratio)))
-    stride = max(1, n // s)
-    sample = [abs(float(x[i])) for i in range(0, n, stride)][:s]
+    b = 1  # blocks of b consecutive entries, b the largest power of two <= min(block, s)
+    while 2 * b <= min(block, s):
+        b *= 2
+    stride = max(b, (n // -(-s // b)) // b * b)  # one block every stride entries, the first at 0
+    sample = [abs(float(x[i])) for start in range(0, n, stride) for i in range(start, min(start + b, n))][:s]
     top = max(1, math.ceil(len(sample) * ratio))
     thr = sorted(sample, reverse=True)[top - 1]
     mags = [abs(float(v)) for v in x]
@@ -54,10 +57,14 @@ def test_topk_matches_reference(n, ratio):
 def test_dgc_selection_matches_reference(n, ratio, seed):
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, generator=g, dtype=torch.float64) * torch.rand(n, generator=g, dtype=torch.float64) ** 3
-    p = DGCTopK(ratio).compress(x)
-    assert p.indices.tolist() == ref_dgc_select(x, ratio)
-    assert p.nnz <= k_of(n, ratio)
-    assert torch.equal(p.values, x[p.indices.long()])
+    for block in (16, 4, 1):
+        p = DGCTopK(ratio, sample_block=block).compress(x)
+        assert p.indices.tolist() == ref_dgc_select(x, ratio, block=block)
+        assert p.nnz <= k_of(n, ratio)
+        assert torch.equal(p.values, x[p.indices.long()])
+    for bad in (0, 3, 2.0, -4, True):
+        with pytest.raises(ConfigError):
+            DGCTopK(ratio, sample_block=bad)
 
 
 def test_dgc_selects_largest_entries_and_contracts():

@@ -6,7 +6,7 @@ import torch
 
 from commlib import Scheme
 from commlib.ddp import packed
-from commlib.ops import native
+from commlib.ops import native, torch_ops
 from commlib.wire import MESSAGE_HEADER_BYTES, Message, Payload
 
 BACKENDS = ["torch"] + (["native"] if native.LIB is not None else [])
@@ -24,12 +24,16 @@ SHAPES = [(100, 100), (100,), (50, 40), (7,), (3, 3)]
 
 def _grads(step, gen):
     gs = [torch.randn(s, generator=gen).reshape(-1) for s in SHAPES]
-    if step == 0:  # DGC's adaptation: the strided sample sees two huge entries, 60 others lie between
+    if step == 0:  # DGC's threshold sample (ops.sample_plan) steers both of DGC's extra branches:
         g = torch.randn(10000, generator=gen) * 0.1
-        g[::50] = 0.0
-        g[0], g[50] = 100.0, -100.0
-        g[torch.arange(60) * 50 + 7] = 70.0 + 0.01 * torch.arange(60.0)
-        gs[0] = g
+        at1 = torch_ops.sample_index(torch_ops.sample_plan(10000, 0.01))  # ratio 0.01's sample
+        at2 = torch_ops.sample_index(torch_ops.sample_plan(10000, 0.02))
+        g[at1], g[at2] = 0.0, 0.0
+        huge = [int(i) for i in at1 if int(i) not in set(at2.tolist())][:2]
+        g[huge[0]], g[huge[1]] = 100.0, -100.0  # ratio 0.01: threshold 100, too few pass: adaptation
+        free = [i for i in range(10000) if g[i] != 0 and i not in set(at1.tolist())]
+        g[torch.tensor(free[::100][:60])] = 70.0 + 0.01 * torch.arange(60.0)
+        gs[0] = g  # ratio 0.02: its sample is all zeros, threshold 0, too many pass: exact top-k
     return gs
 
 

@@ -146,7 +146,9 @@ def test_non_contiguous_inputs(isa):
         a, b = native.threshold_select(x, 1.5), torch_ops.threshold_select(x, 1.5)
         assert same(a[0], b[0]) and same(a[1], b[1])
         for off in (0, 5):
-            assert native.sampled_threshold(x, 0.01, offset=off) == torch_ops.sampled_threshold(x, 0.01, offset=off)
+            for block in (1, 4, 16):
+                assert native.sampled_threshold(x, 0.01, offset=off, block=block) == \
+                    torch_ops.sampled_threshold(x, 0.01, offset=off, block=block)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,12 +184,76 @@ def test_keep_largest_matches_reference(backend, m):
 @pytest.mark.parametrize("ratio", [0.001, 0.01, 0.3, 1.0])
 def test_sampled_threshold_matches_reference(backend, n, ratio):
     x = gradient_like(n, seed=n + 17)
-    for offset in (0, 3):
+    for offset in (0, 3, 1_000_003):
+        sample = [abs(float(x[i])) for i in ref_sample_positions(n, ratio, 0.01, offset)]
+        want = ref_kth(sample, max(1, math.ceil(len(sample) * ratio)))
+        assert SEL[backend].sampled_threshold(x, ratio, offset=offset) == want
+
+
+def ref_sample_positions(n: int, ratio: float, sample_ratio: float, offset: int, block: int = 16):
+    """DGC's threshold sample written out: s = max(1% of n, 2 / ratio) entries (at most n), taken
+    in blocks of b consecutive entries (b: the largest power of two <= min(block, s)), one block
+    every stride entries (n // the number of blocks, rounded down to a multiple of b, at least b),
+    the first block at the (offset mod stride / b)-th multiple of b; entries past the end of the
+    tensor are dropped."""
+    s = min(n, max(math.ceil(sample_ratio * n), math.ceil(2 / ratio)))
+    b = 1
+    while 2 * b <= min(block, s):
+        b *= 2
+    blocks = -(-s // b)
+    stride = max(b, (n // blocks) // b * b)
+    start = (offset % (stride // b)) * b
+    out = []
+    for k in range(blocks):
+        for t in range(b):
+            if len(out) < s and start + k * stride + t < n:
+                out.append(start + k * stride + t)
+    return out
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 16, 17, 99, 1000, 12345, 250_000, 49_500_000])
+@pytest.mark.parametrize("ratio", [0.001, 0.3])
+def test_sample_plan_is_the_written_out_sample(n, ratio):
+    for sample_ratio in (0.01, 0.2):
+        for offset in (0, 5, 1599):
+            want = ref_sample_positions(n, ratio, sample_ratio, offset)
+            plan = torch_ops.sample_plan(n, ratio, sample_ratio, offset)
+            if n <= 250_000:
+                assert torch_ops.sample_index(plan).tolist() == want
+            else:  # compare the ends and the count only (the list is long)
+                got = torch_ops.sample_index(plan)
+                assert got.numel() == len(want) and got[:40].tolist() == want[:40] and got[-40:].tolist() == want[-40:]
+            assert plan.top == max(1, math.ceil(len(want) * ratio))
+            s = min(n, max(math.ceil(sample_ratio * n), math.ceil(2 / ratio)))
+            assert s - plan.block < plan.count <= s  # all but part of the last block fit
+            # spread over the tensor: stride = n // blocks rounded down to a multiple of the block,
+            # so after the last block's start less than one stride plus block + 1 entries per
+            # block are left
+            blocks = -(-plan.count // plan.block)
+            assert n - (plan.start + (blocks - 1) * plan.stride) <= plan.stride + blocks * (plan.block + 1)
+            assert plan.start % plan.block == 0 and plan.stride % plan.block == 0
+
+
+@needs_native
+def test_native_sample_checks_refuse_bad_plans():
+    x = torch.ones(100)
+    for start, stride, s, top, log2 in ((0, 8, 20, 1, 4),        # blocks of 16 every 8: overlap
+                                        (0, 2 ** 62, 20, 1, 2),  # the last entry's position overflows
+                                        (2 ** 63 - 10, 1, 20, 1, 0), (0, 5, 21, 1, 0), (-1, 1, 5, 1, 0),
+                                        (0, 1, 5, 6, 0), (0, 16, 5, 1, 31)):
+        with pytest.raises(RuntimeError):
+            native.LIB.sampled_threshold(x, start, stride, s, top, log2)
+    assert native.LIB.sampled_threshold(x, 4, 16, 20, 1, 4) == 1.0  # entries 4..19 and 20..23: fine
+
+
+def test_sample_plan_block_one_is_the_strided_sample():
+    for n, ratio, off in ((12345, 0.001, 3), (250_000, 0.01, 0), (99, 0.3, 7)):
+        plan = torch_ops.sample_plan(n, ratio, 0.01, off, block=1)
         s = min(n, max(math.ceil(0.01 * n), math.ceil(2 / ratio)))
         stride = max(1, n // s)
-        sample = [abs(float(x[(offset % stride) + j * stride])) for j in range(s)]
-        want = ref_kth(sample, max(1, math.ceil(s * ratio)))
-        assert SEL[backend].sampled_threshold(x, ratio, offset=offset) == want
+        assert torch_ops.sample_index(plan).tolist() == list(range(off % stride, n, stride))[:s]
+    with pytest.raises(ConfigError):
+        torch_ops.sample_plan(100, 0.1, block=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -208,8 +274,9 @@ def test_native_sampled_threshold_equals_torch(n):
         for ratio in (0.001, 0.05, 0.5):
             for sample_ratio in ((0.01, 0.2, 1.0) if n < 200_000 else (0.01, 0.2)):
                 for off in (0, 1, 97):
-                    assert native.sampled_threshold(x, ratio, sample_ratio, off) == \
-                        torch_ops.sampled_threshold(x, ratio, sample_ratio, off)
+                    for block in (1, 4, 16):
+                        assert native.sampled_threshold(x, ratio, sample_ratio, off, block) == \
+                            torch_ops.sampled_threshold(x, ratio, sample_ratio, off, block)
     x = torch.full((n,), 0.25)  # every sample equal: the radix select's worst case
     assert native.sampled_threshold(x, 0.001) == 0.25
 
@@ -258,6 +325,9 @@ def test_native_dgc_equals_torch(isa, n, nesterov):
         states = [dgc_state(n, seed=n + 3) for _ in range(2)]
         g = states[0][2]
         for step in range(2):  # the second step starts from masked state
+            for block in (1, 4):
+                assert native.dgc_threshold(*states[0], 0.9, 0.002, nesterov=nesterov, block=block) == \
+                    torch_ops.dgc_threshold(*states[1], 0.9, 0.002, nesterov=nesterov, block=block)
             thr = native.dgc_threshold(*states[0], 0.9, 0.002, nesterov=nesterov)
             assert thr == torch_ops.dgc_threshold(*states[1], 0.9, 0.002, nesterov=nesterov)
             thr = thr if n else 1.0

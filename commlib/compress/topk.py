@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -36,8 +37,9 @@ class DGCTopK(Compressor):
     """Deep Gradient Compression's selection (Lin et al., ICLR 2018, arXiv 1712.01887; docs/algorithms.md
     §1, as in the authors' reference dgc/compression.py):
 
-    1. threshold = smallest of the top ceil(s * ratio) magnitudes of a strided sample of
-       s = max(ceil(1% * d), ceil(2 / ratio)) entries;
+    1. threshold = smallest of the top ceil(s * ratio) magnitudes of a sample of
+       s = max(ceil(1% * d), ceil(2 / ratio)) entries, taken in blocks of 16 consecutive entries
+       (``ops.sample_plan``; the reference samples single entries with a stride);
     2. up to ``adapt_rounds`` rounds: if more than 1.3 k entries pass, take the exact top-k among
        the candidates; if fewer than 0.8 k pass, multiply the threshold by 0.8 and retry;
     3. never more than k: a selection in (k, 1.3 k] keeps its k largest (the reference keeps the
@@ -46,15 +48,23 @@ class DGCTopK(Compressor):
     Contractive: the selection is always a set of largest-magnitude entries, so
     ||C(x) - x||^2 <= (1 - nnz/d) ||x||^2; nnz >= 1 for x != 0, so delta() reports the
     worst case 1/d (typically nnz is within [0.8 k, k]).
+
+    Options: ``sample_ratio`` (s as a fraction of d), ``sample_block`` (entries per sample block,
+    a power of two; 1 samples single entries with a stride, as the reference does), ``adapt_rounds``,
+    ``upper``, ``lower`` (docs/algorithms.md §1).
     """
 
     kind = Kind.SPARSE
 
     def __init__(self, ratio: float = 0.001, sample_ratio: float = 0.01, adapt_rounds: int = 10,
-                 upper: float = 1.3, lower: float = 0.8) -> None:
+                 upper: float = 1.3, lower: float = 0.8, sample_block: int = ops.SAMPLE_BLOCK) -> None:
         super().__init__(ratio)
         if not 0 < sample_ratio <= 1:
             raise ConfigError(f"dgc: sample_ratio must be in (0, 1], got {sample_ratio}")
+        if (isinstance(sample_block, bool) or not isinstance(sample_block, numbers.Integral)
+                or sample_block < 1 or sample_block & (sample_block - 1)):
+            raise ConfigError(f"dgc: sample_block must be a power of two >= 1, got {sample_block!r}")
+        self.sample_block = int(sample_block)
         if not 0 < lower < 1 < upper:
             raise ConfigError("dgc: need 0 < lower < 1 < upper")
         self.sample_ratio = float(sample_ratio)
@@ -73,7 +83,7 @@ class DGCTopK(Compressor):
             return ops.topk_select(flat, 0)
         if k >= n:
             return ops.topk_select(flat, n)
-        thr = ops.sampled_threshold(flat, ratio, self.sample_ratio)
+        thr = ops.sampled_threshold(flat, ratio, self.sample_ratio, block=self.sample_block)
         idx, vals = ops.threshold_select(flat, thr)
         for _ in range(self.adapt_rounds):
             if idx.numel() > self.upper * k:
@@ -104,7 +114,7 @@ class DGCTopK(Compressor):
         k = k_of(n, r)
         if n == 0 or flat.dtype not in PACK_VALUE_DTYPES:
             return super().pack_(buf, offset, x, ratio=ratio, seed=seed, slot=slot)
-        thr = 0.0 if k >= n else ops.sampled_threshold(flat, r, self.sample_ratio)
+        thr = 0.0 if k >= n else ops.sampled_threshold(flat, r, self.sample_ratio, block=self.sample_block)
         end, nnz = ops.pack_threshold_(buf, offset, flat, thr, max_nnz=k, slot=slot)
         for _ in range(self.adapt_rounds if k < n else 0):
             if nnz >= self.lower * k:  # nnz = min(count, k) and lower * k < k: the same test as select()

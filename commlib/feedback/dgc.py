@@ -102,7 +102,7 @@ class DGCMomentum(Feedback):
         k = k_of(n, ratio)
         buf, off = ctx.out, ctx.offset
         thr = 0.0 if k >= n else ops.dgc_threshold(u, v, g, m, ratio, nesterov=self.nesterov,
-                                                    sample_ratio=comp.sample_ratio)
+                                                    sample_ratio=comp.sample_ratio, block=comp.sample_block)
         end, nnz = ops.dgc_update_pack_(buf, off, u, v, g, m, thr, nesterov=self.nesterov, max_nnz=k, slot=ctx.slot)
         if k < n and nnz < comp.lower * k:  # too few: everything >= thr was taken (nnz < k)
             extra = None

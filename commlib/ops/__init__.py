@@ -10,7 +10,7 @@ Selection (indices int32, ascending):
   topk_select(x, k)                          exact top-k (torch.topk)
   keep_largest(idx, vals, max_nnz)           the max_nnz largest |vals| of a selection (ties: lower index)
 DGC (Lin et al. 2018):
-  sampled_threshold(x, ratio, ...)           threshold estimate on a strided sample
+  sampled_threshold(x, ratio, ...)           threshold estimate on a sample (blocks of 16 entries)
   dgc_threshold(u, v, g, m, ratio, ...)      the same on this step's v, without updating u, v
   dgc_update_select_(u, v, g, m, thr, ...)   momentum correction + selection + masking, one pass
 Packing into wire Payloads (the layout of commlib.wire_format), for one collective:
@@ -26,7 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from commlib.ops import native, torch_ops, torch_pack
-from commlib.ops.torch_ops import dgc_sample_count, keep_largest, sample_plan, topk_select  # noqa: F401
+from commlib.ops.torch_ops import SAMPLE_BLOCK, dgc_sample_count, keep_largest, sample_plan, topk_select  # noqa: F401
 from commlib.ops.torch_pack import Offsets, UnpackResult  # noqa: F401
 
 
@@ -49,16 +49,20 @@ def threshold_select(x: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, t
     return (native if _native(x) else torch_ops).threshold_select(x, threshold)
 
 
-def sampled_threshold(x: torch.Tensor, ratio: float, sample_ratio: float = 0.01, offset: int = 0) -> float:
-    """DGC threshold estimate: strided sample of |x|, the smallest of its top ceil(s*ratio) values."""
-    return (native if _native(x) else torch_ops).sampled_threshold(x, ratio, sample_ratio, offset)
+def sampled_threshold(x: torch.Tensor, ratio: float, sample_ratio: float = 0.01, offset: int = 0,
+                      block: int = SAMPLE_BLOCK) -> float:
+    """DGC threshold estimate: the smallest of the top ceil(s*ratio) magnitudes of the sample of
+    ``sample_plan`` (blocks of ``block`` consecutive entries; 1: single entries with a stride)."""
+    return (native if _native(x) else torch_ops).sampled_threshold(x, ratio, sample_ratio, offset, block)
 
 
 def dgc_threshold(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, ratio: float, *,
-                  nesterov: bool = False, sample_ratio: float = 0.01, offset: int = 0) -> float:
+                  nesterov: bool = False, sample_ratio: float = 0.01, offset: int = 0,
+                  block: int = SAMPLE_BLOCK) -> float:
     """``sampled_threshold`` of the v this step's momentum correction will produce (reads the sample only)."""
     impl = native if _native(u, v, g) else torch_ops
-    return impl.dgc_threshold(u, v, g, momentum, ratio, nesterov=nesterov, sample_ratio=sample_ratio, offset=offset)
+    return impl.dgc_threshold(u, v, g, momentum, ratio, nesterov=nesterov, sample_ratio=sample_ratio, offset=offset,
+                              block=block)
 
 
 def dgc_update_select_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, threshold: float, *,

@@ -102,22 +102,28 @@ def pack_threshold_(buf: torch.Tensor, offset: int, x: torch.Tensor, threshold: 
 
 
 # ---- thresholds ----------------------------------------------------------------------------------
-def sampled_threshold(x: torch.Tensor, ratio: float, sample_ratio: float = 0.01, offset: int = 0) -> float:
+def sampled_threshold(x: torch.Tensor, ratio: float, sample_ratio: float = 0.01, offset: int = 0,
+                      block: int = torch_ops.SAMPLE_BLOCK) -> float:
     x = x.reshape(-1)  # a 1-D strided tensor stays a view: the kernel reads it with its stride
     if x.numel() == 0:
         return math.inf
-    start, stride, count, top = torch_ops.sample_plan(x.numel(), ratio, sample_ratio, offset)
-    return LIB.sampled_threshold(x, start, stride, count, top)
+    plan = torch_ops.sample_plan(x.numel(), ratio, sample_ratio, offset, block)
+    return LIB.sampled_threshold(x, plan.start, plan.stride, plan.count, plan.top, _log2(plan.block))
 
 
 def dgc_threshold(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, ratio: float, *,
-                  nesterov: bool = False, sample_ratio: float = 0.01, offset: int = 0) -> float:
+                  nesterov: bool = False, sample_ratio: float = 0.01, offset: int = 0,
+                  block: int = torch_ops.SAMPLE_BLOCK) -> float:
     torch_ops.check_state(u, v, g)
     if v.numel() == 0:
         return math.inf
-    start, stride, count, top = torch_ops.sample_plan(v.numel(), ratio, sample_ratio, offset)
-    return LIB.dgc_threshold(u.view(-1), v.view(-1), _flat(g), float(momentum), bool(nesterov), start, stride,
-                             count, top)
+    plan = torch_ops.sample_plan(v.numel(), ratio, sample_ratio, offset, block)
+    return LIB.dgc_threshold(u.view(-1), v.view(-1), _flat(g), float(momentum), bool(nesterov), plan.start,
+                             plan.stride, plan.count, plan.top, _log2(plan.block))
+
+
+def _log2(block: int) -> int:
+    return block.bit_length() - 1  # sample_plan's blocks are powers of two
 
 
 # ---- DGC fused step ------------------------------------------------------------------------------

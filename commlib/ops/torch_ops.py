@@ -12,7 +12,7 @@ these results bit for bit.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 
@@ -67,14 +67,45 @@ def dgc_sample_count(numel: int, ratio: float, sample_ratio: float = 0.01) -> in
     return int(min(numel, max(math.ceil(sample_ratio * numel), math.ceil(2.0 / ratio))))
 
 
-def sample_plan(numel: int, ratio: float, sample_ratio: float = 0.01, offset: int = 0) -> Tuple[int, int, int, int]:
-    """(start, stride, count, top) of DGC's strided sample: entries start + j*stride, j < count,
-    threshold = the top-th largest sampled magnitude.  numel must be > 0."""
+#: DGC's threshold sample is taken in blocks of this many consecutive entries, each starting at a
+#: multiple of 16 entries from the tensor's start (16 float32 = one 64-byte cache line when the
+#: tensor starts on one): a strided sample of single entries reads one cache line per entry of u,
+#: v and g, as much memory traffic as reading g whole (docs/algorithms.md §1).
+SAMPLE_BLOCK = 16
+
+
+class SamplePlan(NamedTuple):
+    """DGC's threshold sample: entries ``start + (j // block) * stride + j % block`` for j < count
+    (``sample_index``); the threshold is the top-th largest sampled magnitude."""
+    start: int
+    stride: int
+    count: int
+    top: int
+    block: int
+
+
+def sample_plan(numel: int, ratio: float, sample_ratio: float = 0.01, offset: int = 0,
+                block: int = SAMPLE_BLOCK) -> SamplePlan:
+    """The sample of :func:`sampled_threshold`: ``dgc_sample_count`` entries in blocks of ``block``
+    consecutive entries (a power of two; fewer when the sample is smaller), one block per
+    ``stride`` entries (a multiple of the block), the first at a multiple of the block chosen by
+    ``offset``. ``block=1`` is a strided sample of single entries. numel must be > 0."""
+    if block < 1 or block & (block - 1):
+        raise ConfigError(f"sample block must be a power of two >= 1, got {block}")
     s = dgc_sample_count(numel, ratio, sample_ratio)
-    stride = max(1, numel // s)
-    start = offset % stride
-    count = min(s, len(range(start, numel, stride)))
-    return start, stride, count, max(1, math.ceil(count * ratio))
+    b = min(block, 1 << (s.bit_length() - 1))  # a power of two <= s
+    stride = max(b, numel // -(-s // b) // b * b)  # blocks start on multiples of b
+    start = offset % (stride // b) * b
+    rest = numel - start  # entries from start on, > 0
+    full = (rest - b) // stride + 1 if rest >= b else 0  # blocks that fit whole
+    count = min(s, full * b + max(0, min(b, rest - full * stride)))
+    return SamplePlan(start, stride, count, max(1, math.ceil(count * ratio)), b)
+
+
+def sample_index(plan: SamplePlan, device: Optional[torch.device] = None) -> torch.Tensor:
+    """The positions of ``plan``'s sample, ascending (int64)."""
+    j = torch.arange(plan.count, device=device)
+    return plan.start + torch.div(j, plan.block, rounding_mode="floor") * plan.stride + j % plan.block
 
 
 def _kth_largest(mags: torch.Tensor, k: int) -> float:
@@ -82,14 +113,16 @@ def _kth_largest(mags: torch.Tensor, k: int) -> float:
     return float(torch.topk(mags, k, sorted=False).values.min())
 
 
-def sampled_threshold(x: torch.Tensor, ratio: float, sample_ratio: float = 0.01, offset: int = 0) -> float:
-    """DGC threshold estimate: strided sample of |x|, the smallest of its top ceil(s*ratio) values."""
+def sampled_threshold(x: torch.Tensor, ratio: float, sample_ratio: float = 0.01, offset: int = 0,
+                      block: int = SAMPLE_BLOCK) -> float:
+    """DGC threshold estimate: the smallest of the top ceil(s * ratio) magnitudes of the sample
+    of :func:`sample_plan` (blocks of consecutive entries spread evenly over x)."""
     x = x.reshape(-1)
     n = x.numel()
     if n == 0:
         return float("inf")
-    start, stride, count, top = sample_plan(n, ratio, sample_ratio, offset)
-    return _kth_largest(x[start::stride][:count].abs(), top)
+    plan = sample_plan(n, ratio, sample_ratio, offset, block)
+    return _kth_largest(x[sample_index(plan, x.device)].abs(), plan.top)
 
 
 def dgc_momentum_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, nesterov: bool) -> None:
@@ -114,18 +147,19 @@ def check_state(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor) -> None:
 
 
 def dgc_threshold(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, ratio: float, *,
-                  nesterov: bool = False, sample_ratio: float = 0.01, offset: int = 0) -> float:
+                  nesterov: bool = False, sample_ratio: float = 0.01, offset: int = 0,
+                  block: int = SAMPLE_BLOCK) -> float:
     """``sampled_threshold`` of the v that ``dgc_update_select_`` would produce this step, computed
     on the sample only (u and v are not modified)."""
     check_state(u, v, g)
     n = v.numel()
     if n == 0:
         return float("inf")
-    start, stride, count, top = sample_plan(n, ratio, sample_ratio, offset)
-    sl = slice(start, start + (count - 1) * stride + 1, stride)
-    us, vs = u.reshape(-1)[sl].clone(), v.reshape(-1)[sl].clone()
-    dgc_momentum_(us, vs, g.reshape(-1)[sl].to(v.dtype), momentum, nesterov)
-    return _kth_largest(vs.abs(), top)
+    plan = sample_plan(n, ratio, sample_ratio, offset, block)
+    at = sample_index(plan, v.device)
+    us, vs = u.reshape(-1)[at], v.reshape(-1)[at]
+    dgc_momentum_(us, vs, g.reshape(-1)[at].to(v.dtype), momentum, nesterov)
+    return _kth_largest(vs.abs(), plan.top)
 
 
 def dgc_update_select_(u: torch.Tensor, v: torch.Tensor, g: torch.Tensor, momentum: float, threshold: float, *,

@@ -114,13 +114,22 @@ void mask_kept(const Candidates& cand, const Keep& keep, float* u, float* v, int
 // Bit pattern of the k-th largest (1-based) of n non-NaN magnitude bit patterns; destroys bits.
 uint32_t kth_largest_bits(uint32_t* bits, int64_t n, int64_t k);
 
-// DGC threshold estimate (Lin et al. 2018 §3.1; reference dgc/compression.py): the top-th
-// largest of |x[(start + j*stride) * xstride]|, j < s; NaN when the sample holds a NaN.
-float sampled_kth(const float* x, int64_t xstride, int64_t start, int64_t stride, int64_t s, int64_t top,
-                  int nthreads);
+// DGC's threshold sample (commlib/ops/torch_ops.py sample_plan): entry j < s sits at
+// start + (j >> block_log2) * stride + (j & (2^block_log2 - 1)): blocks of consecutive entries.
+struct SampleLayout {
+  int64_t start, stride;
+  int block_log2;
+  int64_t at(int64_t j) const {
+    return start + (j >> block_log2) * stride + (j & ((int64_t(1) << block_log2) - 1));
+  }
+};
+
+// DGC threshold estimate (Lin et al. 2018 §3.1): the top-th largest of |x[at(j) * xstride]|,
+// j < s; NaN when the sample holds a NaN.
+float sampled_kth(const float* x, int64_t xstride, SampleLayout sample, int64_t s, int64_t top, int nthreads);
 // The same estimate on the v that dgc_update_select_all would produce, without writing u or v.
-float dgc_sampled_kth(const float* u, const float* v, const float* g, float m, bool nesterov, int64_t start,
-                      int64_t stride, int64_t s, int64_t top, int nthreads);
+float dgc_sampled_kth(const float* u, const float* v, const float* g, float m, bool nesterov, SampleLayout sample,
+                      int64_t s, int64_t top, int nthreads);
 
 // ---- scatter-add and unpack ---------------------------------------------------------------
 struct Source {             // one payload's contribution: out[idx[j]] += float(val[j]) * a

@@ -125,20 +125,36 @@ uint32_t kth_largest_bits(uint32_t* bits, int64_t n, int64_t k) {
   return prefix;
 }
 
-float sampled_kth(const float* x, int64_t xstride, int64_t start, int64_t stride, int64_t s, int64_t top,
-                  int nthreads) {
-  const int64_t step = stride * xstride;
-  const float* base = x + start * xstride;
+// Sample blocks usually lie on different pages, out of the hardware prefetcher's reach: each
+// block's first visit prefetches the block kPrefetchBlocks ahead (clamped to the sample).
+constexpr int64_t kPrefetchBlocks = 8;
+
+inline int64_t ahead(const SampleLayout& sample, int64_t j, int64_t s) {
+  return sample.at(std::min(j + (kPrefetchBlocks << sample.block_log2), s - 1));
+}
+
+inline bool block_start(const SampleLayout& sample, int64_t j) {
+  return (j & ((int64_t(1) << sample.block_log2) - 1)) == 0;
+}
+
+float sampled_kth(const float* x, int64_t xstride, SampleLayout sample, int64_t s, int64_t top, int nthreads) {
   return kth_of_sample(s, top, nthreads, [=](int64_t j) {
-    return bits_of(base[j * step]) & kAbs;
+    if (block_start(sample, j)) __builtin_prefetch(x + ahead(sample, j, s) * xstride);
+    return bits_of(x[sample.at(j) * xstride]) & kAbs;
   });
 }
 
-float dgc_sampled_kth(const float* u, const float* v, const float* g, float m, bool nesterov, int64_t start,
-                      int64_t stride, int64_t s, int64_t top, int nthreads) {
+float dgc_sampled_kth(const float* u, const float* v, const float* g, float m, bool nesterov, SampleLayout sample,
+                      int64_t s, int64_t top, int nthreads) {
   // The v of Lin et al. 2018 §3.2 (Nesterov: App. B) after this step's update, at the sample.
   return kth_of_sample(s, top, nthreads, [=](int64_t j) {
-    const int64_t i = start + j * stride;
+    if (block_start(sample, j)) {
+      const int64_t a = ahead(sample, j, s);
+      __builtin_prefetch(u + a);
+      __builtin_prefetch(v + a);
+      __builtin_prefetch(g + a);
+    }
+    const int64_t i = sample.at(j);
     float vv;
     if (nesterov) {
       const float uu = (u[i] + g[i]) * m;

@@ -140,24 +140,25 @@ std::tuple<int64_t, int64_t> pack_threshold(Tensor buf, int64_t offset, const Te
   return {l.end, c.total};
 }
 
-double sampled_threshold(const Tensor& x, int64_t start, int64_t stride, int64_t s, int64_t top) {
+double sampled_threshold(const Tensor& x, int64_t start, int64_t stride, int64_t s, int64_t top,
+                         int64_t block_log2) {
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 1, "x must be a 1-D float32 tensor");
-  check_sample(x.numel(), start, stride, s, top);
+  check_sample(x.numel(), start, stride, s, top, block_log2);
   c10::cuda::CUDAGuard guard(x.device());
   KthScratch k(x, s);
-  ok(kern::sampled_kth(x.data_ptr<float>(), x.stride(0), start, stride, s, top, k.bits_ptr(), k.hist_ptr(),
-                       k.flag.data_ptr<int>(), k.result.data_ptr<float>(), stream()));
+  ok(kern::sampled_kth(x.data_ptr<float>(), x.stride(0), start, stride, int(block_log2), s, top, k.bits_ptr(),
+                       k.hist_ptr(), k.flag.data_ptr<int>(), k.result.data_ptr<float>(), stream()));
   return k.result.item<float>();
 }
 
 double dgc_threshold(const Tensor& u, const Tensor& v, const Tensor& g, double m, bool nesterov, int64_t start,
-                     int64_t stride, int64_t s, int64_t top) {
+                     int64_t stride, int64_t s, int64_t top, int64_t block_log2) {
   check_state(u, v, g);
-  check_sample(v.numel(), start, stride, s, top);
+  check_sample(v.numel(), start, stride, s, top, block_log2);
   c10::cuda::CUDAGuard guard(v.device());
   KthScratch k(v, s);
   ok(kern::dgc_sampled_kth(u.data_ptr<float>(), v.data_ptr<float>(), g.data_ptr<float>(), float(m), nesterov, start,
-                           stride, s, top, k.bits_ptr(), k.hist_ptr(), k.flag.data_ptr<int>(),
+                           stride, int(block_log2), s, top, k.bits_ptr(), k.hist_ptr(), k.flag.data_ptr<int>(),
                            k.result.data_ptr<float>(), stream()));
   return k.result.item<float>();
 }

@@ -170,19 +170,29 @@ __global__ void zero_at_kernel(float* u, float* v, const int32_t* idx, int64_t k
 // Digits, most significant first: bits 31..21, 20..10, 9..0 (as csrc/cpu/kth.cpp).
 constexpr int kBins = 2048;
 
+// Position of sample j (commlib/ops/torch_ops.py sample_plan: blocks of consecutive entries).
+struct SampleLayout {
+  int64_t start, stride;
+  int block_log2;
+  __device__ int64_t at(int64_t j) const {
+    return start + (j >> block_log2) * stride + (j & ((int64_t(1) << block_log2) - 1));
+  }
+};
+
 struct PlainSample {
   const float* x;
-  int64_t step, first;
-  __device__ float operator()(int64_t j) const { return x[first + j * step]; }
+  int64_t xstride;
+  SampleLayout layout;
+  __device__ float operator()(int64_t j) const { return x[layout.at(j) * xstride]; }
 };
 
 struct DgcSample {
   const float *u, *v, *g;
   float m;
   bool nesterov;
-  int64_t start, stride;
+  SampleLayout layout;
   __device__ float operator()(int64_t j) const {
-    const int64_t i = start + j * stride;
+    const int64_t i = layout.at(j);
     float uu;
     return dgc_step(u[i], v[i], g[i], m, nesterov, &uu);
   }
@@ -358,15 +368,16 @@ cudaError_t zero_at(float* u, float* v, const int32_t* idx, int64_t k, cudaStrea
   return cudaGetLastError();
 }
 
-cudaError_t sampled_kth(const float* x, int64_t xstride, int64_t start, int64_t stride, int64_t s, int64_t top,
-                        uint32_t* bits, unsigned long long* hist, int* flag, float* result, cudaStream_t stream) {
-  return kth(PlainSample{x, stride * xstride, start * xstride}, s, top, bits, hist, flag, result, stream);
+cudaError_t sampled_kth(const float* x, int64_t xstride, int64_t start, int64_t stride, int block_log2, int64_t s,
+                        int64_t top, uint32_t* bits, unsigned long long* hist, int* flag, float* result,
+                        cudaStream_t stream) {
+  return kth(PlainSample{x, xstride, {start, stride, block_log2}}, s, top, bits, hist, flag, result, stream);
 }
 
 cudaError_t dgc_sampled_kth(const float* u, const float* v, const float* g, float m, bool nesterov, int64_t start,
-                            int64_t stride, int64_t s, int64_t top, uint32_t* bits, unsigned long long* hist,
-                            int* flag, float* result, cudaStream_t stream) {
-  return kth(DgcSample{u, v, g, m, nesterov, start, stride}, s, top, bits, hist, flag, result, stream);
+                            int64_t stride, int block_log2, int64_t s, int64_t top, uint32_t* bits,
+                            unsigned long long* hist, int* flag, float* result, cudaStream_t stream) {
+  return kth(DgcSample{u, v, g, m, nesterov, {start, stride, block_log2}}, s, top, bits, hist, flag, result, stream);
 }
 
 cudaError_t scan_source(const void* idx, bool idx64, const void* val, int vcode, int64_t nnz, bool check_finite,

@@ -42,14 +42,17 @@ cudaError_t zero_at(float* u, float* v, const int32_t* idx, int64_t k, cudaStrea
 
 // ---- sampled thresholds (k-th largest magnitude by radix select) -----------------------------
 // Scratch: bits[s] (uint32), hist[2048] (unsigned long long), flag[1] (int).  *result (device)
-// receives the top-th largest |x[(start + j*stride) * xstride]|, j < s, or NaN if one is NaN.
-cudaError_t sampled_kth(const float* x, int64_t xstride, int64_t start, int64_t stride, int64_t s, int64_t top,
-                        uint32_t* bits, unsigned long long* hist, int* flag, float* result, cudaStream_t stream);
+// receives the top-th largest |x[at(j) * xstride]|, j < s, or NaN if one is NaN, where
+// at(j) = start + (j >> block_log2) * stride + (j & (2^block_log2 - 1)) (commlib/ops/torch_ops.py
+// sample_plan: blocks of consecutive entries).
+cudaError_t sampled_kth(const float* x, int64_t xstride, int64_t start, int64_t stride, int block_log2, int64_t s,
+                        int64_t top, uint32_t* bits, unsigned long long* hist, int* flag, float* result,
+                        cudaStream_t stream);
 
 // The same on the v that dgc_update_count would produce, without writing u or v.
 cudaError_t dgc_sampled_kth(const float* u, const float* v, const float* g, float m, bool nesterov, int64_t start,
-                            int64_t stride, int64_t s, int64_t top, uint32_t* bits, unsigned long long* hist,
-                            int* flag, float* result, cudaStream_t stream);
+                            int64_t stride, int block_log2, int64_t s, int64_t top, uint32_t* bits,
+                            unsigned long long* hist, int* flag, float* result, cudaStream_t stream);
 
 // ---- scatter-add ---------------------------------------------------------------------------------
 // Scans a source: minmax[0] = min index, minmax[1] = max index (LLONG_MAX / LLONG_MIN when
