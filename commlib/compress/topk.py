@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Optional
 
 import torch
@@ -10,6 +9,7 @@ import torch
 from commlib import ops
 from commlib.compress.base import COMPRESSORS, Compressor, k_of
 from commlib.errors import ConfigError
+from commlib.ops.torch_ops import check_sample_block
 from commlib.ops.torch_pack import PACK_VALUE_DTYPES
 from commlib.wire import Kind, Payload
 
@@ -61,10 +61,7 @@ class DGCTopK(Compressor):
         super().__init__(ratio)
         if not 0 < sample_ratio <= 1:
             raise ConfigError(f"dgc: sample_ratio must be in (0, 1], got {sample_ratio}")
-        if (isinstance(sample_block, bool) or not isinstance(sample_block, numbers.Integral)
-                or sample_block < 1 or sample_block & (sample_block - 1)):
-            raise ConfigError(f"dgc: sample_block must be a power of two >= 1, got {sample_block!r}")
-        self.sample_block = int(sample_block)
+        self.sample_block = check_sample_block(sample_block)
         if not 0 < lower < 1 < upper:
             raise ConfigError("dgc: need 0 < lower < 1 < upper")
         self.sample_ratio = float(sample_ratio)

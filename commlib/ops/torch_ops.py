@@ -12,6 +12,7 @@ these results bit for bit.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -84,14 +85,20 @@ class SamplePlan(NamedTuple):
     block: int
 
 
+def check_sample_block(block) -> int:
+    """``block`` as an int if it is a power of two >= 1 (bools refused), else a ConfigError."""
+    if isinstance(block, bool) or not isinstance(block, numbers.Integral) or block < 1 or block & (block - 1):
+        raise ConfigError(f"sample block must be a power of two >= 1, got {block!r}")
+    return int(block)
+
+
 def sample_plan(numel: int, ratio: float, sample_ratio: float = 0.01, offset: int = 0,
                 block: int = SAMPLE_BLOCK) -> SamplePlan:
     """The sample of :func:`sampled_threshold`: ``dgc_sample_count`` entries in blocks of ``block``
     consecutive entries (a power of two; fewer when the sample is smaller), one block per
     ``stride`` entries (a multiple of the block), the first at a multiple of the block chosen by
     ``offset``. ``block=1`` is a strided sample of single entries. numel must be > 0."""
-    if block < 1 or block & (block - 1):
-        raise ConfigError(f"sample block must be a power of two >= 1, got {block}")
+    block = check_sample_block(block)
     s = dgc_sample_count(numel, ratio, sample_ratio)
     b = min(block, 1 << (s.bit_length() - 1))  # a power of two <= s
     stride = max(b, numel // -(-s // b) // b * b)  # blocks start on multiples of b
